@@ -1,0 +1,31 @@
+"""Triton kernels for SegFormer's hot paths, with a plain-PyTorch reference for each.
+
+    import segformer_kernels as sk
+    o = sk.efficient_attention(q, k, v)            # q [B,N,h,d], k/v [B,M,h,d]
+    r = sk.spatial_reduction(x, (H, W), w, b, ln_w, ln_b, eps)
+    y = sk.dwconv_gelu(x, (H, W), w, b)
+    y = sk.mix_ffn(x, (H, W), fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b)
+    y = sk.layer_norm(x, w, b, eps)
+
+Every op takes ``kernels="auto" | "triton" | "torch"``: "auto" runs the Triton kernel
+wherever Triton can run (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
+the reference (``segformer_kernels.reference``) elsewhere.
+"""
+
+from . import reference
+from ._backend import KERNEL_CHOICES, load_kernels, triton_runs_on
+from .ops import dwconv_gelu, efficient_attention, layer_norm, mix_ffn, spatial_reduction
+
+load_kernels()
+
+__all__ = [
+    "KERNEL_CHOICES",
+    "dwconv_gelu",
+    "efficient_attention",
+    "layer_norm",
+    "mix_ffn",
+    "reference",
+    "spatial_reduction",
+    "triton_runs_on",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,214 @@
+"""The public ops: argument checks, autocast, then the Triton kernel or the reference.
+
+Every op takes a keyword-only ``kernels="auto" | "triton" | "torch"`` (see
+``_backend``). Each checks its arguments up front and raises a ValueError or
+TypeError that names the argument and what was expected, so a mistake never
+surfaces as an indexing error deep inside a kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._backend import autocast_inputs, triton_implementation, use_triton
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 on the reference path), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_shape(name: str, t: Tensor, expected: Sequence[int | None], meaning: str) -> None:
+    """``expected`` lists each dimension's size, None where any size is fine."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        shown = ", ".join("*" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name} must have shape [{shown}] ({meaning}), got {tuple(t.shape)}")
+
+
+def _check_same(names: Sequence[str], tensors: Sequence[Tensor], dtype: bool = True) -> None:
+    first_name, first = names[0], tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; all must be on one device")
+        if dtype and t.dtype != first.dtype:
+            raise TypeError(f"{name} is {t.dtype} but {first_name} is {first.dtype}; all must have one dtype")
+
+
+def _check_hw(hw, tokens: int) -> tuple[int, int]:
+    if (
+        not isinstance(hw, (tuple, list))
+        or len(hw) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in hw)
+    ):
+        raise TypeError(f"hw must be a (H, W) tuple of two ints, got {hw!r}")
+    height, width = hw
+    if height < 1 or width < 1:
+        raise ValueError(f"hw must be positive, got {tuple(hw)}")
+    if height * width != tokens:
+        raise ValueError(f"hw={tuple(hw)} gives {height * width} tokens but x has {tokens} (x must be [B, H*W, C])")
+    return height, width
+
+
+def _check_tokens(x: Tensor) -> None:
+    _check_tensor("x", x, ndim=3)
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x must be a non-empty [B, H*W, C] token tensor, got {tuple(x.shape)}")
+
+
+def _dispatch(op: str, kernels: str, device: torch.device, dtype: torch.dtype):
+    """The function to call: the op's Triton implementation or its reference."""
+    if dtype == torch.float64:
+        if kernels == "triton":
+            raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got float64")
+        kernels = "torch"
+    if use_triton(op, kernels, device):
+        return triton_implementation(op)
+    return getattr(reference, op)
+
+
+def efficient_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, kernels: str = "auto") -> Tensor:
+    """softmax(q k^T * scale) v for every head, without the N x M score matrix on the Triton path.
+
+    q [B, N, heads, d]; k, v [B, M, heads, d] -> [B, N, heads, d]. ``scale`` defaults to d**-0.5.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, ndim=4)
+    batch, _, heads, head_dim = q.shape
+    _check_shape("k", k, (batch, None, heads, head_dim), "[B, M, heads, head_dim] matching q")
+    _check_shape("v", v, tuple(k.shape), "the same shape as k")
+    if min(q.shape) == 0 or k.shape[1] == 0:
+        raise ValueError(f"q and k must be non-empty, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    q, k, v = autocast_inputs(q.device, q, k, v)
+    _check_same(("q", "k", "v"), (q, k, v))
+    return _dispatch("efficient_attention", kernels, q.device, q.dtype)(q, k, v, scale)
+
+
+def spatial_reduction(
+    x: Tensor,
+    hw: tuple[int, int],
+    weight: Tensor,
+    bias: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float = 1e-5,
+    *,
+    kernels: str = "auto",
+) -> Tensor:
+    """Sequence reduction: sr x sr patches -> Linear(C*sr^2, C_out) + bias -> LayerNorm.
+
+    x [B, H*W, C], weight [C_out, C, sr, sr] -> [B, (H//sr)*(W//sr), C_out].
+    """
+    _check_tokens(x)
+    height, width = _check_hw(hw, x.shape[1])
+    for name, t in (("weight", weight), ("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        _check_tensor(name, t)
+    sr = weight.shape[-1] if weight.dim() == 4 else 0
+    out_channels = weight.shape[0]
+    _check_shape("weight", weight, (None, x.shape[2], sr, sr), "[C_out, C, sr, sr], a square Conv2d kernel over C channels")
+    if sr < 1:
+        raise ValueError(f"weight must have a reduction ratio sr >= 1, got shape {tuple(weight.shape)}")
+    for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        _check_shape(name, t, (out_channels,), "[C_out]")
+    if height < sr or width < sr:
+        raise ValueError(f"hw={(height, width)} is smaller than the reduction ratio sr={sr}: nothing to reduce")
+    x, weight, bias, ln_weight, ln_bias = autocast_inputs(x.device, x, weight, bias, ln_weight, ln_bias)
+    _check_same(("x", "weight", "bias", "ln_weight", "ln_bias"), (x, weight, bias, ln_weight, ln_bias))
+    return _dispatch("spatial_reduction", kernels, x.device, x.dtype)(
+        x, (height, width), weight, bias, ln_weight, ln_bias, float(eps)
+    )
+
+
+def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, *, kernels: str = "auto") -> Tensor:
+    """GELU(depthwise 3x3 conv, zero padding 1, + bias) in token layout. x [B, H*W, C] -> [B, H*W, C]."""
+    _check_tokens(x)
+    height, width = _check_hw(hw, x.shape[1])
+    _check_tensor("weight", weight)
+    _check_tensor("bias", bias)
+    channels = x.shape[2]
+    _check_shape("weight", weight, (channels, 1, 3, 3), "[C, 1, 3, 3], a depthwise 3x3 kernel")
+    _check_shape("bias", bias, (channels,), "[C]")
+    x, weight, bias = autocast_inputs(x.device, x, weight, bias)
+    _check_same(("x", "weight", "bias"), (x, weight, bias))
+    return _dispatch("dwconv_gelu", kernels, x.device, x.dtype)(x, (height, width), weight, bias)
+
+
+def mix_ffn(
+    x: Tensor,
+    hw: tuple[int, int],
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+    *,
+    kernels: str = "auto",
+) -> Tensor:
+    """Mix-FFN: fc2(GELU(dwconv3x3(fc1(x)))). x [B, H*W, C] -> [B, H*W, C_out]."""
+    _check_tokens(x)
+    height, width = _check_hw(hw, x.shape[1])
+    tensors = {
+        "fc1_weight": fc1_weight, "fc1_bias": fc1_bias, "dw_weight": dw_weight,
+        "dw_bias": dw_bias, "fc2_weight": fc2_weight, "fc2_bias": fc2_bias,
+    }
+    for name, t in tensors.items():
+        _check_tensor(name, t)
+    hidden = fc1_weight.shape[0]
+    out_channels = fc2_weight.shape[0]
+    _check_shape("fc1_weight", fc1_weight, (None, x.shape[2]), "[C_hidden, C]")
+    _check_shape("fc1_bias", fc1_bias, (hidden,), "[C_hidden]")
+    _check_shape("dw_weight", dw_weight, (hidden, 1, 3, 3), "[C_hidden, 1, 3, 3]")
+    _check_shape("dw_bias", dw_bias, (hidden,), "[C_hidden]")
+    _check_shape("fc2_weight", fc2_weight, (None, hidden), "[C_out, C_hidden]")
+    _check_shape("fc2_bias", fc2_bias, (out_channels,), "[C_out]")
+    args = autocast_inputs(x.device, x, *tensors.values())
+    _check_same(("x", *tensors), args)
+    x, *weights = args
+    return _dispatch("mix_ffn", kernels, x.device, x.dtype)(x, (height, width), *weights)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+    *,
+    kernels: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dimension, fp32 statistics, output in x's dtype.
+
+    With ``residual`` (same shape as x), normalise ``s = x + residual`` in the same
+    pass and return ``(LN(s), s)``. The weights may be fp32 while x is fp16/bf16.
+    """
+    _check_tensor("x", x)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty tensor [..., C], got shape {tuple(x.shape)}")
+    channels = x.shape[-1]
+    _check_tensor("weight", weight)
+    _check_tensor("bias", bias)
+    _check_shape("weight", weight, (channels,), "[C], C the last dimension of x")
+    _check_shape("bias", bias, (channels,), "[C]")
+    checked = [("x", x), ("weight", weight), ("bias", bias)]
+    if residual is not None:
+        _check_tensor("residual", residual)
+        _check_shape("residual", residual, tuple(x.shape), "the shape of x")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual is {residual.dtype} but x is {x.dtype}; they must match")
+        checked.append(("residual", residual))
+    names, tensors = zip(*checked)
+    _check_same(names, tensors, dtype=False)
+    return _dispatch("layer_norm", kernels, x.device, x.dtype)(x, weight, bias, float(eps), residual)

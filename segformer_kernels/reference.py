@@ -1,0 +1,97 @@
+"""Plain-PyTorch reference of every op, written to read like the math.
+
+This is the oracle every Triton kernel is tested against and the path the model
+runs where there is no GPU. Tokens are in row-major grid order: token
+``i * W + j`` is grid cell (i, j) of an (H, W) grid, the layout of
+``x.flatten(2).transpose(1, 2)`` on an NCHW map.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def efficient_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale) v per head. q [B, N, h, d], k and v [B, M, h, d] -> [B, N, h, d]."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    probabilities = scores.softmax(dim=-1)
+    return torch.einsum("bhnm,bmhd->bnhd", probabilities, v)
+
+
+def spatial_reduction(
+    x: Tensor,
+    hw: tuple[int, int],
+    weight: Tensor,
+    bias: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    eps: float,
+) -> Tensor:
+    """The paper's sequence reduction: each non-overlapping sr x sr patch of tokens
+    becomes one C*sr^2 vector, mapped to C_out by Linear, then LayerNorm.
+
+    x [B, H*W, C], weight [C_out, C, sr, sr] (the Conv2d kernel=stride=sr weight),
+    -> [B, (H//sr)*(W//sr), C_out]. Rows and columns past (H//sr)*sr are dropped,
+    as the strided convolution drops them.
+    """
+    batch, _, channels = x.shape
+    height, width = hw
+    sr = weight.shape[-1]
+    h, w = height // sr, width // sr
+    grid = x.reshape(batch, height, width, channels)[:, : h * sr, : w * sr]
+    # (B, h, ky, w, kx, C) -> (B, h, w, C, ky, kx): the flattening order of a conv weight
+    patches = grid.reshape(batch, h, sr, w, sr, channels).permute(0, 1, 3, 5, 2, 4)
+    patches = patches.reshape(batch, h * w, channels * sr * sr)
+    reduced = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+    return F.layer_norm(reduced, (weight.shape[0],), ln_weight, ln_bias, eps)
+
+
+def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) -> Tensor:
+    """GELU(depthwise 3x3 conv with zero padding 1 + bias), tokens in and out.
+
+    x [B, H*W, C], weight [C, 1, 3, 3], bias [C] -> [B, H*W, C]. GELU is the exact erf form.
+    """
+    batch, _, channels = x.shape
+    height, width = hw
+    image = x.transpose(1, 2).reshape(batch, channels, height, width)
+    conv = F.conv2d(image, weight, bias, padding=1, groups=channels)
+    return F.gelu(conv.flatten(2).transpose(1, 2))
+
+
+def mix_ffn(
+    x: Tensor,
+    hw: tuple[int, int],
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+) -> Tensor:
+    """Mix-FFN: fc2(GELU(dwconv3x3(fc1(x)))). x [B, H*W, C] -> [B, H*W, C_out]."""
+    hidden = F.linear(x, fc1_weight, fc1_bias)
+    return F.linear(dwconv_gelu(hidden, hw, dw_weight, dw_bias), fc2_weight, fc2_bias)
+
+
+def layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dimension with statistics in fp32.
+
+    With ``residual``, normalise ``s = x + residual`` and return ``(LN(s), s)``: the
+    pre-norm block needs both the normalised tensor and the new residual stream.
+    """
+    summed = x if residual is None else x + residual
+    stats_dtype = torch.promote_types(x.dtype, torch.float32)
+    normed = F.layer_norm(
+        summed.to(stats_dtype), (x.shape[-1],), weight.to(stats_dtype), bias.to(stats_dtype), eps
+    ).to(x.dtype)
+    return normed if residual is None else (normed, summed)
