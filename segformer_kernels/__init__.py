@@ -6,6 +6,7 @@
     y = sk.dwconv_gelu(x, (H, W), w, b)
     y = sk.mix_ffn(x, (H, W), fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b)
     y = sk.layer_norm(x, w, b, eps)
+    logits = sk.decode_head(maps, hws, (H1, W1), scale, shift, cls_w, cls_b)
 
 Every op takes ``kernels="auto" | "triton" | "torch"``: "auto" runs the Triton kernel
 wherever Triton can run (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
@@ -14,12 +15,17 @@ the reference (``segformer_kernels.reference``) elsewhere.
 
 from . import reference
 from ._backend import KERNEL_CHOICES, load_kernels, triton_runs_on
-from .ops import dwconv_gelu, efficient_attention, layer_norm, mix_ffn, spatial_reduction
 
+# Before the public names: importing a kernel module (segformer_kernels.layer_norm,
+# ...) binds the module to the package attribute of the same name, which would
+# hide the public function imported from ops if it came first.
 load_kernels()
+
+from .ops import decode_head, dwconv_gelu, efficient_attention, layer_norm, mix_ffn, spatial_reduction  # noqa: E402
 
 __all__ = [
     "KERNEL_CHOICES",
+    "decode_head",
     "dwconv_gelu",
     "efficient_attention",
     "layer_norm",

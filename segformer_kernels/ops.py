@@ -212,3 +212,80 @@ def layer_norm(
     names, tensors = zip(*checked)
     _check_same(names, tensors, dtype=False)
     return _dispatch("layer_norm", kernels, x.device, x.dtype)(x, weight, bias, float(eps), residual)
+
+
+DECODER_STAGES = 4
+
+
+def _check_size_pair(name: str, value) -> tuple[int, int]:
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+    ):
+        raise TypeError(f"{name} must be a (H, W) tuple of two ints, got {value!r}")
+    if value[0] < 1 or value[1] < 1:
+        raise ValueError(f"{name} must be positive, got {tuple(value)}")
+    return value[0], value[1]
+
+
+def decode_head(
+    maps: Sequence[Tensor],
+    hws: Sequence[tuple[int, int]],
+    out_hw: tuple[int, int],
+    scale: Tensor,
+    shift: Tensor,
+    cls_weight: Tensor,
+    cls_bias: Tensor,
+    *,
+    kernels: str = "auto",
+) -> Tensor:
+    """The folded SegFormer decoder's tail: classifier(ReLU(scale * sum_i up(z_i) + shift)).
+
+    maps: the four stage maps z_i [B, h_i*w_i, D] (token layout) on the grids ``hws``
+    (four (h_i, w_i)); up = bilinear resize to ``out_hw`` (align_corners=False);
+    scale, shift [D]: BatchNorm folded; cls_weight [K, D], cls_bias [K]: the 1x1
+    classifier. Returns logits [B, K, H, W]. Pass stage 1 first: a first map already
+    at ``out_hw`` is read without resizing (the kernel's fast path).
+
+    The Triton kernel is inference-only (no backward): when a gradient is needed,
+    ``kernels="auto"`` runs the differentiable reference and ``"triton"`` refuses.
+    """
+    if not isinstance(maps, (tuple, list)):
+        raise TypeError(f"maps must be a list of {DECODER_STAGES} tensors (one per stage), got {type(maps).__name__}")
+    if len(maps) != DECODER_STAGES:
+        raise ValueError(f"maps must hold {DECODER_STAGES} tensors (one per stage), got {len(maps)}")
+    names = [f"maps[{i}]" for i in range(DECODER_STAGES)]
+    for name, z in zip(names, maps):
+        _check_tensor(name, z, ndim=3)
+    batch, _, channels = maps[0].shape
+    if batch == 0 or channels == 0:
+        raise ValueError(f"maps[0] must be a non-empty [B, h*w, D] token tensor, got {tuple(maps[0].shape)}")
+    for name, z in zip(names[1:], maps[1:]):
+        _check_shape(name, z, (batch, None, channels), "[B, h_i*w_i, D] with the B and D of maps[0]")
+    if not isinstance(hws, (tuple, list)) or len(hws) != len(maps):
+        raise TypeError(f"hws must be a list of {DECODER_STAGES} (h, w) pairs, one per map, got {hws!r}")
+    hws = tuple(_check_size_pair(f"hws[{i}]", hw) for i, hw in enumerate(hws))
+    for name, z, (height, width) in zip(names, maps, hws):
+        if height * width != z.shape[1]:
+            raise ValueError(f"{name} has {z.shape[1]} tokens but its grid {(height, width)} has {height * width}")
+    out_hw = _check_size_pair("out_hw", out_hw)
+    for name, t in (("scale", scale), ("shift", shift), ("cls_weight", cls_weight), ("cls_bias", cls_bias)):
+        _check_tensor(name, t)
+    _check_shape("scale", scale, (channels,), "[D], the BatchNorm scale folded per channel")
+    _check_shape("shift", shift, (channels,), "[D], the BatchNorm shift folded per channel")
+    _check_shape("cls_weight", cls_weight, (None, channels), "[K, D], the 1x1 classifier weight")
+    if cls_weight.shape[0] == 0:
+        raise ValueError("cls_weight must have at least one class (shape [K, D] with K >= 1)")
+    _check_shape("cls_bias", cls_bias, (cls_weight.shape[0],), "[K]")
+    *maps, scale, shift, cls_weight, cls_bias = autocast_inputs(
+        maps[0].device, *maps, scale, shift, cls_weight, cls_bias
+    )
+    _check_same((*names, "scale", "shift", "cls_weight", "cls_bias"), (*maps, scale, shift, cls_weight, cls_bias))
+    if kernels == "auto" and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (*maps, scale, shift, cls_weight, cls_bias)
+    ):
+        kernels = "torch"
+    return _dispatch("decode_head", kernels, maps[0].device, maps[0].dtype)(
+        maps, hws, out_hw, scale, shift, cls_weight, cls_bias
+    )

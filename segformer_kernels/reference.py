@@ -8,6 +8,8 @@ runs where there is no GPU. Tokens are in row-major grid order: token
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -95,3 +97,32 @@ def layer_norm(
         summed.to(stats_dtype), (x.shape[-1],), weight.to(stats_dtype), bias.to(stats_dtype), eps
     ).to(x.dtype)
     return normed if residual is None else (normed, summed)
+
+
+def decode_head(
+    maps: Sequence[Tensor],
+    hws: Sequence[tuple[int, int]],
+    out_hw: tuple[int, int],
+    scale: Tensor,
+    shift: Tensor,
+    cls_weight: Tensor,
+    cls_bias: Tensor,
+) -> Tensor:
+    """The SegFormer decoder's inference tail once the projections are folded:
+    ``classifier(ReLU(scale * sum_i up(z_i) + shift))``.
+
+    maps: stage maps z_i [B, h_i*w_i, D] in token layout on their own (h_i, w_i) grids
+    (``hws``); up = bilinear resize to ``out_hw`` = (H, W) with align_corners=False
+    (the identity for a map already at that size); scale, shift [D] (BatchNorm in
+    eval, folded); cls_weight [K, D], cls_bias [K] (the 1x1 classifier).
+    Returns logits [B, K, H, W].
+    """
+    batch, _, channels = maps[0].shape
+    fused = sum(
+        F.interpolate(
+            z.transpose(1, 2).reshape(batch, channels, h, w), size=tuple(out_hw), mode="bilinear", align_corners=False
+        )
+        for z, (h, w) in zip(maps, hws)
+    )
+    activated = torch.relu(fused * scale[:, None, None] + shift[:, None, None])
+    return F.conv2d(activated, cls_weight[:, :, None, None], cls_bias)

@@ -1,0 +1,129 @@
+"""The providers compared side by side, as tables of the public ops they run.
+
+eager    the reference path (segformer_kernels.reference): explicit scores and softmax,
+         NCHW round trips for the depthwise conv, as Hugging Face's eager SegFormer does;
+sdpa     the reference with attention through F.scaled_dot_product_attention;
+compile  torch.compile of the reference (max-autotune on a GPU);
+fused    segformer_kernels' public ops with kernels="triton" for every op that has a
+         Triton kernel (the reference for the rest; rows name which is which);
+transformers  SegformerForSemanticSegmentation (end-to-end only; see e2e.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import segformer_kernels as sk
+from segformer_kernels import reference
+from segformer_kernels._backend import INTERPRET, triton_implementation, triton_runs_on
+
+from .core import CompileSpec, Skip
+
+PUBLIC_OPS = ("layer_norm", "spatial_reduction", "efficient_attention", "dwconv_gelu", "mix_ffn", "decode_head")
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """reference.efficient_attention through SDPA: [B, N, h, d] in and out (transposed views)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTable:
+    """The public ops as one provider runs them, and which of them are Triton kernels."""
+
+    layer_norm: Callable
+    spatial_reduction: Callable
+    efficient_attention: Callable
+    dwconv_gelu: Callable
+    mix_ffn: Callable
+    decode_head: Callable
+    triton_ops: tuple[str, ...] = ()
+
+
+EAGER = OpTable(**{op: getattr(reference, op) for op in PUBLIC_OPS})
+SDPA = dataclasses.replace(EAGER, efficient_attention=sdpa_attention)
+
+
+def triton_kernels() -> tuple[str, ...]:
+    """Ops (of all the library's Triton slots) whose kernel module exists."""
+    from segformer_kernels._backend import TRITON_IMPLEMENTATIONS
+
+    return tuple(op for op in TRITON_IMPLEMENTATIONS if triton_implementation(op) is not None)
+
+
+def check_triton_runs(device: torch.device) -> None:
+    if not triton_runs_on(device):
+        why = "TRITON_INTERPRET=1 was not set before triton was imported" if device.type == "cpu" and not INTERPRET else "triton is not usable"
+        raise Skip(f"fused: Triton kernels cannot run on {device.type} here ({why})")
+
+
+def fused_table(needed: tuple[str, ...], device: torch.device) -> tuple[OpTable, str]:
+    """The fused provider's table and a note naming the ops that run Triton; Skip when
+    none of ``needed`` has a kernel yet (the fused provider would be eager again)."""
+    check_triton_runs(device)
+    available = set(triton_kernels())
+    fused = [op for op in needed if op in available]
+    if not fused:
+        raise Skip(f"fused: no Triton kernel yet for {', '.join(needed)}")
+    table = OpTable(
+        **{
+            op: functools.partial(getattr(sk, op), kernels="triton") if op in available else getattr(reference, op)
+            for op in PUBLIC_OPS
+        },
+        triton_ops=tuple(op for op in PUBLIC_OPS if op in available),
+    )
+    missing = [op for op in needed if op not in available]
+    note = "Triton: " + ", ".join(fused) + ("; reference (no kernel yet): " + ", ".join(missing) if missing else "")
+    return table, note
+
+
+def compiled(fn: Callable, spec: CompileSpec, device: torch.device, fullgraph: bool) -> Callable:
+    """torch.compile(fn) for one static shape. The caller resets dynamo between items,
+    so every case compiles afresh instead of hitting the recompile limit and silently
+    falling back to eager. On CUDA, every call starts a new CUDA-graph step, as a
+    training loop does, so replays never wait on a backward that is not coming."""
+    kwargs = {"backend": spec.backend, "fullgraph": fullgraph, "dynamic": False}
+    if spec.mode:
+        kwargs["mode"] = spec.mode
+    compiled_fn = torch.compile(fn, **kwargs)
+    if device.type != "cuda":
+        return compiled_fn
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled_fn(*args, **kwargs)
+
+    return call
+
+
+@contextlib.contextmanager
+def sdpa_everywhere():
+    """Route every reference attention call (the model's included: ops.py dispatches
+    through ``reference.<op>``) to SDPA for the duration; yields a one-element call
+    counter so the caller can check the model really went through it."""
+    calls = [0]
+    original = reference.efficient_attention
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return sdpa_attention(*args, **kwargs)
+
+    reference.efficient_attention = counted
+    try:
+        yield calls
+    finally:
+        reference.efficient_attention = original
+
+
+def reset_compiled_state() -> None:
+    """Forget every compiled graph (and its CUDA-graph memory pool) between items."""
+    import torch._dynamo
+
+    torch._dynamo.reset()

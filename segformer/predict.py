@@ -1,0 +1,128 @@
+"""Predict label maps for image files: a label PNG and a colour overlay per image, batched.
+
+    written = predict(model, ["photos/", "x.jpg"], "out/", palette=palette_for(150))
+
+Images of the same (resized) size are batched together; each image's logits are resized
+back to its own size before the argmax. The label PNG is a palette PNG whose pixel values
+are the class ids (so it opens as a colour picture and reads back as ids); with more than
+256 classes it is a 16-bit greyscale PNG.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import IMAGE_SUFFIXES, DataError, read_image
+from .evaluate import model_logits
+from .palette import colourise
+from .transforms import eval_image, rescaled_size
+
+
+def collect_images(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """(image path, output name) for every file given and every image under every folder
+    given; the output name is the stem, or the path inside the folder without suffix.
+    Names that would collide get -2, -3, ... appended."""
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+            found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in images]
+        elif path.is_file():
+            found.append((path, path.stem))
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    used: dict[str, int] = {}
+    named = []
+    for path, name in found:
+        used[name] = used.get(name, 0) + 1
+        named.append((path, name if used[name] == 1 else f"{name}-{used[name]}"))
+    return named
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
+        raise DataError(f"{path}: cannot read image ({error})") from None
+    return height, width
+
+
+def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    if labels.max(initial=0) < 256:
+        height, width = labels.shape
+        picture = Image.frombytes("P", (width, height), np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+        flat = np.zeros((256, 3), dtype=np.uint8)
+        flat[: min(256, len(palette))] = palette[:256]
+        picture.putpalette(flat.reshape(-1).tolist())
+    else:
+        picture = Image.fromarray(labels.astype(np.uint16))
+    picture.save(path)
+
+
+def save_overlay_png(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, path: Path, alpha: float = 0.5) -> None:
+    from PIL import Image
+
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * colourise(labels, palette).astype(np.float32)
+    Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8)).save(path)
+
+
+def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, palette: np.ndarray,
+            scale: tuple[int, int] | None = None, batch_size: int = 8, precision: str = "fp32",
+            progress: bool = False) -> list[dict]:
+    """Write OUT/NAME_label.png and OUT/NAME_overlay.png for every input image; returns one
+    {"image", "label", "overlay", "size"} record per image in input order. Images are resized
+    to ``scale`` (the training base scale; None keeps their size) for the model."""
+    images = collect_images(inputs)
+    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    model.eval()
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position, (path, _) in enumerate(images):
+        height, width = _image_size(path)
+        groups[rescaled_size(height, width, scale) if scale else (height, width)].append(position)
+    batches = [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
+    records: list[dict | None] = [None] * len(images)
+    bar = _progress(batches, len(images)) if progress else None
+    for batch in batches:
+        pictures = [read_image(images[p][0]) for p in batch]
+        inputs_t = torch.stack([eval_image(picture, scale) for picture in pictures]).to(device)
+        logits = model_logits(model, inputs_t, precision)
+        for position, picture, image_logits in zip(batch, pictures, logits):
+            size = picture.shape[:2]
+            resized = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
+            labels = resized[0].argmax(dim=0).cpu().numpy()
+            path, name = images[position]
+            label_path, overlay_path = out_dir / f"{name}_label.png", out_dir / f"{name}_overlay.png"
+            label_path.parent.mkdir(parents=True, exist_ok=True)
+            save_label_png(labels, palette, label_path)
+            save_overlay_png(picture, labels, palette, overlay_path)
+            records[position] = {"image": str(path), "label": str(label_path), "overlay": str(overlay_path),
+                                 "size": [int(size[0]), int(size[1])]}
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def _progress(batches, total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="predict", unit="img", leave=False, dynamic_ncols=True)

@@ -1,0 +1,569 @@
+"""Efficient self-attention core for N >> M: flash-style forward and hand-written backward.
+
+``softmax(q k^T * scale) v`` for every (batch, head), with q [B, N, h, d] from all N
+tokens and k, v [B, M, h, d] from the spatially reduced sequence (DESIGN.md section 4).
+The N x M score matrix never reaches memory: the forward keeps an online softmax per
+query row and stores only the row log-sum-exp; the backward recomputes the
+probabilities from q, k and that log-sum-exp.
+
+Layouts: q, k, v, o, dq, dk, dv are read and written through their strides in the
+[B, tokens, heads, head_dim] layout the projections produce (slices of a fused
+projection output work as they are; nothing is transposed or copied). The row
+log-sum-exp and the backward's row dot products delta = rowsum(dO * O) are fp32
+[B, heads, N].
+
+Backward work split (N is huge, M small):
+  * ``_attention_backward_dq_kernel``: one program per (query block, batch*head) walks
+    all key blocks and writes dQ; it also writes delta for the second kernel.
+  * ``_attention_backward_dkdv_kernel``: one program per (key block, query split,
+    batch*head) walks the query blocks of its split and accumulates that key block's
+    dK and dV in registers. Splits are summed afterwards in fp32 (deterministic, no
+    atomics); see ``_query_split_rows`` for how many splits there are.
+The score products are computed twice in the backward (once per kernel). Computing
+them once would need either atomics or an fp32 read-modify-write of an [M, d] dK/dV
+partial for every query block, which at M = 2048 moves far more bytes than the
+recomputation costs in tensor-core time.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._backend import INTERPRET
+from .compile_check import CompileTarget
+
+LOG2E = 1.4426950408889634
+# Globals a kernel reads must be constexpr.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+INPUT_PRECISIONS = ("tf32", "ieee")
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _head_base(ptr, batch, head, stride_batch, stride_head):
+    """Pointer to element [batch, 0, head, 0]; int64 so huge batches cannot overflow."""
+    return ptr + batch.to(tl.int64) * stride_batch + head.to(tl.int64) * stride_head
+
+
+@triton.jit
+def _tile_pointers(base, offs_a, stride_a, offs_b, stride_b):
+    """Pointers of an [A, B] tile whose element (i, j) is base[offs_a[i]*stride_a + offs_b[j]*stride_b]."""
+    return base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b
+
+
+@triton.jit
+def _tile_mask(offs_a, size_a, offs_b, size_b):
+    return (offs_a[:, None] < size_a) & (offs_b[None, :] < size_b)
+
+
+@triton.jit
+def _load_tile(base, offs_a, size_a, stride_a, offs_b, size_b, stride_b):
+    """[A, B] tile, zero outside [size_a, size_b]. Loading with (rows, cols) gives the
+    tile, loading with (cols, rows) gives its transpose straight from memory."""
+    return tl.load(
+        _tile_pointers(base, offs_a, stride_a, offs_b, stride_b),
+        mask=_tile_mask(offs_a, size_a, offs_b, size_b),
+        other=0.0,
+    )
+
+
+@triton.jit
+def _store_tile(base, value, offs_a, size_a, stride_a, offs_b, size_b, stride_b):
+    tl.store(
+        _tile_pointers(base, offs_a, stride_a, offs_b, stride_b),
+        value.to(base.dtype.element_ty),
+        mask=_tile_mask(offs_a, size_a, offs_b, size_b),
+    )
+
+
+@triton.jit
+def _query_block_and_head(N, BLOCK_N: tl.constexpr):
+    """(query block, batch*head) of this program. The grid is 1-D (batch*heads may pass
+    the 65535 limit of the other grid axes) with query blocks fastest, so the programs
+    of one head run together and share its K and V in L2."""
+    pid = tl.program_id(0)
+    query_blocks = tl.cdiv(N, BLOCK_N)
+    return pid % query_blocks, pid // query_blocks
+
+
+@triton.jit
+def _attention_forward_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    N, M, heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (query block, batch*head). qk_scale = scale * log2(e): scores
+    live in log2 units so the online softmax uses exp2."""
+    pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_range = tl.arange(0, BLOCK_M)
+
+    q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
+    k_base = _head_base(K, batch, head, stride_kb, stride_kh)
+    v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+
+    row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        keys = start_m + key_range
+        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
+        v = _load_tile(v_base, keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        # Keys past M must get zero probability (M >= 1, so every row has a finite max).
+        scores = tl.where(keys[None, :] < M, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
+        row_max = new_max
+
+    # Normalise by exp2(-log2(sum)): the log2 is needed for the LSE anyway, and a true
+    # division would bring in the IEEE-division slow-path subroutine and its stack frame.
+    log2_sum = tl.log2(row_sum)
+    out = acc * tl.exp2(-log2_sum)[:, None]
+    _store_tile(_head_base(O, batch, head, stride_ob, stride_oh), out, rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    # Stored in natural-log units: log(sum_j exp(scale * q.k_j)).
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, (row_max + log2_sum) * _LN2, mask=rows < N)
+
+
+@triton.jit
+def _attention_backward_dq_kernel(
+    Q, K, V, O, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_dob, stride_don, stride_doh, stride_dod,
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    N, M, heads, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (query block, batch*head): delta = rowsum(dO * O), then
+    dQ = scale * sum_j dS_j K_j with dS = P * (dO V^T - delta)."""
+    pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    key_range = tl.arange(0, BLOCK_M)
+
+    q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
+    do = _load_tile(_head_base(DO, batch, head, stride_dob, stride_doh), rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+    o = _load_tile(_head_base(O, batch, head, stride_ob, stride_oh), rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_stats = pid_bh.to(tl.int64) * N + rows
+    tl.store(DELTA + row_stats, delta, mask=rows < N)
+    lse2 = tl.load(LSE + row_stats, mask=rows < N, other=0.0) * _LOG2E
+
+    k_base = _head_base(K, batch, head, stride_kb, stride_kh)
+    v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    # Keys past M load as zero rows of K and V: their dS is multiplied by a zero K row,
+    # so they add nothing to dQ and need no mask on the scores.
+    for start_m in range(0, M, BLOCK_M):
+        keys = start_m + key_range
+        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
+        v_t = _load_tile(v_base, dims, HEAD_DIM, stride_vd, keys, M, stride_vm)
+        p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+
+    dq_base = _head_base(DQ, batch, head, stride_dqb, stride_dqh)
+    _store_tile(dq_base, dq * scale, rows, N, stride_dqn, dims, HEAD_DIM, stride_dqd)
+
+
+@triton.jit
+def _attention_backward_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    stride_dob, stride_don, stride_doh, stride_dod,
+    stride_ds, stride_db, stride_dm, stride_dh, stride_dd,
+    N, M, heads, rows_per_split, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (key block, query split, batch*head): the split's share of
+    dV = P^T dO and dK = scale * dS^T Q for that key block, computed transposed
+    (keys as rows) so both accumulate in registers. DK/DV are [split, B, M, h, d]
+    buffers (fp32 partials, or the gradients themselves when there is one split)."""
+    # 1-D grid, key blocks fastest: the programs sharing a split's q and dO run together.
+    pid = tl.program_id(0)
+    key_blocks = tl.cdiv(M, BLOCK_M)
+    splits = tl.cdiv(N, rows_per_split)
+    pid_m = pid % key_blocks
+    split = (pid // key_blocks) % splits
+    pid_bh = pid // (key_blocks * splits)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_range = tl.arange(0, BLOCK_N)
+
+    k = _load_tile(_head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
+    v = _load_tile(_head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+    q_base = _head_base(Q, batch, head, stride_qb, stride_qh)
+    do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
+    stats_base = pid_bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, N)
+    # Query rows past N load as zero q and dO rows with zero lse and delta: their
+    # probabilities are finite and their dO and dS columns are exactly zero, so they add
+    # nothing. rows_per_split is a multiple of BLOCK_N, so blocks never straddle splits.
+    for start_n in range(row_start, row_end, BLOCK_N):
+        rows = start_n + row_range
+        q_t = _load_tile(q_base, dims, HEAD_DIM, stride_qd, rows, N, stride_qn)  # [BLOCK_D, BLOCK_N]
+        do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
+        p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
+
+    split_offset = split.to(tl.int64) * stride_ds
+    dk_base = _head_base(DK + split_offset, batch, head, stride_db, stride_dh)
+    dv_base = _head_base(DV + split_offset, batch, head, stride_db, stride_dh)
+    _store_tile(dk_base, dk * scale, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
+    _store_tile(dv_base, dv, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
+
+
+# --------------------------------------------------------------------------- launch configurations
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration: query rows and key rows per tile, warps, pipeline stages."""
+
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m}, num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+KERNELS = {
+    "forward": _attention_forward_kernel,
+    "backward_dq": _attention_backward_dq_kernel,
+    "backward_dkdv": _attention_backward_dkdv_kernel,
+}
+
+# The interpreter runs one config (autotuning needs a driver). Blocks of 32 keep the
+# tiny test shapes multi-block in both N and M.
+INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
+
+
+# Autotune candidates. 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
+# dots one set for every head dim (fp32 is the accuracy path, not the fast one). Each
+# compiles with zero spills on sm_80 and sm_90 (sm_80's mma.sync keeps operands in
+# registers and is the tighter of the two) and fits sm_80's shared memory; Hopper's wgmma
+# wants 64 rows per warpgroup, which the 16-bit sets keep. Tile(query rows, key rows,
+# warps, stages).
+HALF_TILES = {
+    "forward": {
+        64: (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3), Tile(128, 128, 8, 2)),
+        128: (Tile(64, 64, 4, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3)),
+    },
+    "backward_dq": {
+        64: (Tile(64, 64, 4, 2), Tile(64, 64, 4, 3), Tile(64, 32, 8, 2)),
+        128: (Tile(64, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
+    },
+    "backward_dkdv": {
+        64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2)),
+        128: (Tile(64, 64, 8, 2), Tile(32, 64, 8, 2)),
+    },
+}
+TF32_TILES = {
+    "forward": (Tile(64, 32, 4, 2), Tile(64, 32, 8, 2)),
+    "backward_dq": (Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
+    "backward_dkdv": (Tile(16, 64, 8, 2), Tile(32, 32, 4, 2)),
+}
+# Exact fp32 ("ieee") dots run on FMA units and need far more registers; that path is
+# for tests, so it gets one small config per kernel.
+IEEE_TILES = {
+    "forward": (Tile(32, 32, 8, 2),),
+    "backward_dq": (Tile(32, 32, 8, 2),),
+    "backward_dkdv": (Tile(16, 64, 8, 2),),
+}
+
+
+def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[Tile, ...]:
+    """The configs the launcher autotunes over on a GPU. compile_targets() lists exactly
+    these for head dims 16-128, so every one is checked for spills; larger head dims run
+    on the d = 128 sets (correct, but they may spill)."""
+    if dtype == torch.float32:
+        return (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
+    return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
+
+
+def _launch_tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[Tile, ...]:
+    return (INTERPRETER_TILE,) if INTERPRET else tiles(kernel, head_dim, dtype, input_precision)
+
+
+@functools.cache
+def _autotuned(kernel: str, configs: tuple[Tile, ...]):
+    """The kernel autotuned over ``configs``, keyed on M, d and the dot precision
+    (the autotuner adds the tensor dtypes itself). The chosen config is cached for
+    the process, so repeated calls are bitwise reproducible."""
+    return triton.autotune(
+        configs=[t.triton_config() for t in configs], key=["M", "HEAD_DIM", "INPUT_PRECISION"]
+    )(KERNELS[kernel])
+
+
+def _launch(kernel: str, grid, args, head_dim: int, dtype: torch.dtype, input_precision: str) -> None:
+    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "INPUT_PRECISION": input_precision}
+    configs = _launch_tiles(kernel, head_dim, dtype, input_precision)
+    if len(configs) == 1:
+        (tile,) = configs
+        KERNELS[kernel][grid](
+            *args, **constexprs, BLOCK_N=tile.block_n, BLOCK_M=tile.block_m,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+    else:
+        _autotuned(kernel, configs)[grid](*args, **constexprs)
+
+
+def _block_d(head_dim: int) -> int:
+    # tl.dot needs every tile side >= 16.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# Query splits of the dK/dV kernel. Each split writes one fp32 [M, d] partial of dK and
+# of dV per (batch, head), which the sum then reads back: 16 * M * d bytes per split
+# against the 4 * rows * d bytes of bf16 q and dO the split reads. A split therefore
+# covers at least 4 * M rows (partials <= half the q + dO bytes; e.g. stage 1 at 512^2,
+# N = 16384, M = 256: at most 16 splits, 4 MB of partials per head at d = 64). Within
+# that bound, enough splits to give ~512 programs (several waves on a 132-SM GPU).
+# SPLIT_ALIGN is a multiple of every BLOCK_N, so query blocks never straddle splits.
+SPLIT_ALIGN = 128
+DKDV_TARGET_PROGRAMS = 512
+DKDV_ESTIMATE_BLOCK_M = 64
+
+
+def _query_split_rows(batch_heads: int, n: int, m: int) -> int:
+    """Query rows per split of the dK/dV kernel (a multiple of SPLIT_ALIGN); depends on
+    the shape only, so the reduction order does too."""
+    min_rows = triton.cdiv(4 * m, SPLIT_ALIGN) * SPLIT_ALIGN
+    most_splits = triton.cdiv(n, min_rows)
+    wanted = triton.cdiv(DKDV_TARGET_PROGRAMS, triton.cdiv(m, DKDV_ESTIMATE_BLOCK_M) * batch_heads)
+    splits = max(1, min(wanted, most_splits))
+    return triton.cdiv(triton.cdiv(n, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
+    batch, n, heads, head_dim = q.shape
+    m = k.shape[1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * batch * heads,)
+
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), n, m, heads, scale * LOG2E)
+    _launch("forward", grid, args, head_dim, q.dtype, input_precision)
+    return out, lse
+
+
+def _backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n, heads, head_dim = q.shape
+    m = k.shape[1]
+    grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=q.device)
+    qkv_strides = (*q.stride(), *k.stride(), *v.stride())
+
+    def dq_grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * batch * heads,)
+
+    dq_args = (
+        q, k, v, out, grad_out, grad_q, lse, delta,
+        *qkv_strides, *out.stride(), *grad_out.stride(), *grad_q.stride(),
+        n, m, heads, scale, scale * LOG2E,
+    )
+    _launch("backward_dq", dq_grid, dq_args, head_dim, q.dtype, input_precision)
+
+    rows_per_split = _query_split_rows(batch * heads, n, m)
+    splits = triton.cdiv(n, rows_per_split)
+    # One split writes the gradients directly in k's dtype; several write fp32 partials.
+    partial_dtype = k.dtype if splits == 1 else torch.float32
+    partial_k = torch.empty((splits, *k.shape), dtype=partial_dtype, device=k.device)
+    partial_v = torch.empty_like(partial_k)
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * splits * batch * heads,)
+
+    dkdv_args = (
+        q, k, v, grad_out, lse, delta, partial_k, partial_v,
+        *qkv_strides, *grad_out.stride(), *partial_k.stride(),
+        n, m, heads, rows_per_split, scale, scale * LOG2E,
+    )
+    _launch("backward_dkdv", dkdv_grid, dkdv_args, head_dim, q.dtype, input_precision)
+    if splits == 1:
+        return grad_q, partial_k[0], partial_v[0]
+    return grad_q, partial_k.sum(0).to(k.dtype), partial_v.sum(0).to(v.dtype)
+
+
+# --------------------------------------------------------------------------- autograd op
+
+
+@torch.library.custom_op("segformer::efficient_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
+    """Returns (o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); the second is kept for
+    the backward and is not differentiable."""
+    return _forward(q, k, v, scale, input_precision)
+
+
+@_attention_op.register_fake
+def _attention_op_fake(q, k, v, scale, input_precision):
+    batch, n, heads, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("segformer::efficient_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse, scale, input_precision)
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_op_fake(grad_out, q, k, v, out, lse, scale, input_precision):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, input_precision = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.input_precision = input_precision
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_op_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.input_precision)
+    return grad_q, grad_k, grad_v, None, None
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def efficient_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, input_precision: str | None = None
+) -> Tensor:
+    """softmax(q k^T * scale) v per head on the Triton kernels. q [B, N, h, d], k and v
+    [B, M, h, d] (any strides) -> [B, N, h, d]; ``scale`` defaults to d**-0.5.
+
+    Inputs are assumed checked (``segformer_kernels.efficient_attention`` checks them).
+    ``input_precision`` sets how fp32 inputs meet the tensor cores: "tf32" (the default,
+    fast, ~5e-4 relative error) or "ieee" (exact fp32); it does not apply to fp16/bf16.
+    """
+    if input_precision is None:
+        input_precision = "tf32"
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if q.dtype != torch.float32:
+        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_op(q, k, v, scale, input_precision)
+    return out
+
+
+# --------------------------------------------------------------------------- compile targets
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+_STAT_POINTERS = {"LSE", "DELTA"}  # fp32 [B, h, N] statistics
+_FLOAT_SCALARS = {"scale", "qk_scale"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION"}
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
+    """Triton types of every runtime argument: tensor pointers in the input dtype (dK/dV
+    partials fp32 when split), statistics fp32, strides and sizes i32."""
+    element = _TRITON_TYPES[dtype]
+    signature = {}
+    for name in kernel.arg_names:
+        if name in _CONSTEXPRS:
+            continue
+        if name in _STAT_POINTERS or (split_partials and name in ("DK", "DV")):
+            signature[name] = "*fp32"
+        elif name in _TENSOR_POINTERS:
+            signature[name] = f"*{element}"
+        elif name in _FLOAT_SCALARS:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every (kernel, config, dtype, head dim, dot precision) the launcher can launch on a GPU."""
+    targets = []
+    for dtype, element in _TRITON_TYPES.items():
+        precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
+        for head_dim in HEAD_DIMS:
+            for kernel_name, kernel in KERNELS.items():
+                partial_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)
+                for precision in precisions:
+                    for tile in tiles(kernel_name, head_dim, dtype, precision):
+                        for split_partials in partial_variants:
+                            constexprs = {
+                                "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim),
+                                "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision,
+                            }
+                            suffix = " partials" if split_partials else ""
+                            targets.append(CompileTarget(
+                                name=f"attention_{kernel_name}",
+                                kernel=kernel,
+                                signature=_signature(kernel, dtype, split_partials),
+                                constexprs=constexprs,
+                                num_warps=tile.num_warps,
+                                num_stages=tile.num_stages,
+                                config=f"{element} d={head_dim} N{tile.block_n} M{tile.block_m} "
+                                f"w{tile.num_warps} s{tile.num_stages} {precision}{suffix}",
+                            ))
+    return targets

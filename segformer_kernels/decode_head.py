@@ -1,0 +1,303 @@
+"""The folded SegFormer decoder's inference tail in one pass over the output.
+
+logits = classifier(ReLU(scale * sum_i up(z_i) + shift)), with z_i the four stage
+maps after their composed projections (DESIGN.md section 4), still at their own low
+resolution in token layout [B, h_i*w_i, D], and up = bilinear resize to the output
+grid with align_corners=False.
+
+A program owns one batch element and BLOCK_P output pixels (and BLOCK_K classes).
+For each chunk of BLOCK_D channels it gathers the four bilinear taps of every stage
+map (rows of D contiguous values in token layout), sums them in fp32 registers,
+applies the folded BatchNorm and ReLU there, and feeds the tile straight into a
+tensor-core dot with the classifier weight chunk. Neither the upsampled maps nor
+their D-channel sum at the output resolution (1.7x the logits' size for B0 on
+ADE20K, 40x for B2-B5 on Cityscapes) ever reach memory: the kernel reads the four
+maps and writes the logits, NCHW and contiguous along pixels.
+
+Inference only: there is no backward (the decoder trains through the reference
+path, which autograd differentiates).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .compile_check import CompileTarget
+
+# ---------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _bilinear_taps(out_pos, in_size, in_per_out):
+    """The two source indices and the weight of the second, along one axis, as
+    F.interpolate(mode="bilinear", align_corners=False) computes them."""
+    src = tl.maximum((out_pos.to(tl.float32) + 0.5) * in_per_out - 0.5, 0.0)
+    low = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0: truncation is floor
+    high = tl.where(low < in_size - 1, low + 1, low)
+    return low, high, src - low.to(tl.float32)
+
+
+@triton.jit
+def _gather_plan(out_y, out_x, in_h, in_w, h_per_out, w_per_out, CHANNELS: tl.constexpr):
+    """For each output pixel: the element offsets of its four source tokens in a
+    [h*w, CHANNELS] map and its fractional position (fx, fy) between them."""
+    y0, y1, fy = _bilinear_taps(out_y, in_h, h_per_out)
+    x0, x1, fx = _bilinear_taps(out_x, in_w, w_per_out)
+    row0 = y0 * in_w
+    row1 = y1 * in_w
+    return (row0 + x0) * CHANNELS, (row0 + x1) * CHANNELS, (row1 + x0) * CHANNELS, (row1 + x1) * CHANNELS, fx, fy
+
+
+@triton.jit
+def _interpolate(chunk_ptr, top_left, top_right, bottom_left, bottom_right, fx, fy, mask, BLOCK_D: tl.constexpr):
+    """[BLOCK_P, BLOCK_D] fp32 tile of one map resized to the output pixels.
+    ``chunk_ptr`` already points at the chunk's first channel, so the 2-D pointer
+    tiles are formed inside the channel loop rather than hoisted out of it."""
+    channel = tl.arange(0, BLOCK_D)[None, :]
+    top_left = tl.load(chunk_ptr + top_left[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
+    top_right = tl.load(chunk_ptr + top_right[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
+    bottom_left = tl.load(chunk_ptr + bottom_left[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
+    bottom_right = tl.load(chunk_ptr + bottom_right[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
+    fx = fx[:, None]
+    fy = fy[:, None]
+    top = top_left + (top_right - top_left) * fx
+    bottom = bottom_left + (bottom_right - bottom_left) * fx
+    return top + (bottom - top) * fy
+
+
+@triton.jit
+def _decode_head_kernel(
+    map1_ptr,
+    map2_ptr,
+    map3_ptr,
+    map4_ptr,
+    scale_ptr,
+    shift_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    h1, w1, h2, w2, h3, w3, h4, w4,
+    h1_per_out, w1_per_out, h2_per_out, w2_per_out, h3_per_out, w3_per_out, h4_per_out, w4_per_out,
+    out_h,
+    out_w,
+    classes,
+    CHANNELS: tl.constexpr,
+    FIRST_AT_OUTPUT_SIZE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pixel_block = tl.program_id(0)
+    class_block = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    pixels_out = out_h * out_w
+
+    pixel = pixel_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    pixel_mask = pixel < pixels_out
+    out_y = pixel // out_w
+    out_x = pixel % out_w
+    klass = class_block * BLOCK_K + tl.arange(0, BLOCK_K)
+    class_mask = klass < classes
+
+    # Maps are contiguous [B, h*w, CHANNELS]; per image, offsets fit in int32.
+    map1_ptr += batch * (h1 * w1 * CHANNELS)
+    map2_ptr += batch * (h2 * w2 * CHANNELS)
+    map3_ptr += batch * (h3 * w3 * CHANNELS)
+    map4_ptr += batch * (h4 * w4 * CHANNELS)
+    if FIRST_AT_OUTPUT_SIZE:  # the stage-1 map needs no resizing: one tap per pixel
+        m1_tl = pixel * CHANNELS
+    else:
+        m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy = _gather_plan(out_y, out_x, h1, w1, h1_per_out, w1_per_out, CHANNELS)
+    m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy = _gather_plan(out_y, out_x, h2, w2, h2_per_out, w2_per_out, CHANNELS)
+    m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy = _gather_plan(out_y, out_x, h3, w3, h3_per_out, w3_per_out, CHANNELS)
+    m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy = _gather_plan(out_y, out_x, h4, w4, h4_per_out, w4_per_out, CHANNELS)
+
+    acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
+    for start in range(0, CHANNELS, BLOCK_D):
+        channel = start + tl.arange(0, BLOCK_D)
+        channel_mask = channel < CHANNELS
+        mask = pixel_mask[:, None] & channel_mask[None, :]
+        if FIRST_AT_OUTPUT_SIZE:
+            fused = tl.load(map1_ptr + start + m1_tl[:, None] + tl.arange(0, BLOCK_D)[None, :], mask=mask, other=0.0)
+            fused = fused.to(tl.float32)
+        else:
+            fused = _interpolate(map1_ptr + start, m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy, mask, BLOCK_D)
+        fused += _interpolate(map2_ptr + start, m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy, mask, BLOCK_D)
+        fused += _interpolate(map3_ptr + start, m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy, mask, BLOCK_D)
+        fused += _interpolate(map4_ptr + start, m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy, mask, BLOCK_D)
+        scale = tl.load(scale_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
+        activated = tl.maximum(fused * scale[None, :] + shift[None, :], 0.0)
+        weight = tl.load(
+            weight_ptr + klass[None, :] * CHANNELS + channel[:, None],
+            mask=channel_mask[:, None] & class_mask[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(activated.to(weight.dtype), weight, acc, input_precision=INPUT_PRECISION)
+
+    bias = tl.load(bias_ptr + klass, mask=class_mask, other=0.0).to(tl.float32)
+    logits = acc + bias[None, :]
+    out_ptr += batch * classes * pixels_out
+    out_mask = pixel_mask[:, None] & class_mask[None, :]
+    tl.store(out_ptr + klass[None, :] * pixels_out + pixel[:, None], logits.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------
+# Launch configuration and launcher
+# ---------------------------------------------------------------------------
+
+# tl.dot needs every dimension >= 16. Beyond 256 classes the grid splits the
+# classes (each class block re-gathers the features, mostly from L2).
+_MIN_DOT = 16
+_MAX_BLOCK_K = 256
+_BLOCK_P = 64
+# Channels per step: the smallest dot depth. Every step keeps the thirteen gathered
+# [BLOCK_P, BLOCK_D] tiles in flight at once, so a deeper step costs registers
+# (32 fp16 channels take ~220 registers per thread, 16 take ~130).
+_BLOCK_D = 16
+# No software pipelining: it would stage every gathered tile in shared memory.
+_NUM_STAGES = 1
+INPUT_PRECISIONS = ("tf32", "ieee")
+_INT32_LIMIT = 2**31
+
+
+def _block_config(classes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_P, BLOCK_D, BLOCK_K, num_warps). Eight warps for wide class blocks keep
+    the [BLOCK_P, BLOCK_K] fp32 accumulator at <= 64 registers per thread."""
+    block_k = min(max(_MIN_DOT, triton.next_power_of_2(classes)), _MAX_BLOCK_K)
+    return _BLOCK_P, _BLOCK_D, block_k, 4 if block_k <= 64 else 8
+
+
+@torch.library.custom_op("segformer::decode_head", mutates_args=())
+def _decode_head_op(
+    maps: list[Tensor],
+    hws: list[int],
+    out_hw: list[int],
+    scale: Tensor,
+    shift: Tensor,
+    cls_weight: Tensor,
+    cls_bias: Tensor,
+    input_precision: str,
+) -> Tensor:
+    """Logits [B, K, H, W]; ``hws`` is the four (h_i, w_i) flattened to eight ints."""
+    # The kernel indexes every tensor as contiguous; the model's maps (Linear
+    # outputs) and parameters already are, so these copy nothing there.
+    maps = [z.contiguous() for z in maps]
+    scale, shift, cls_weight, cls_bias = (t.contiguous() for t in (scale, shift, cls_weight, cls_bias))
+    batch, _, channels = maps[0].shape
+    classes = cls_weight.shape[0]
+    out_h, out_w = out_hw
+    # Offsets within one image are int32.
+    for index, z in enumerate(maps):
+        if z[0].numel() >= _INT32_LIMIT:
+            raise ValueError(f"decode_head: maps[{index}] has {z[0].numel()} elements per image; the kernel needs < 2**31")
+    if classes * out_h * out_w >= _INT32_LIMIT:
+        raise ValueError(f"decode_head: {classes} x {out_h} x {out_w} logits per image; the kernel needs < 2**31")
+    out = torch.empty((batch, classes, out_h, out_w), dtype=maps[0].dtype, device=maps[0].device)
+    in_per_out = [hws[i] / out_hw[i % 2] for i in range(len(hws))]
+    block_p, block_d, block_k, num_warps = _block_config(classes)
+    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(classes, block_k), batch)
+    _decode_head_kernel[grid](
+        *maps, scale, shift, cls_weight, cls_bias, out,
+        *hws, *in_per_out, out_h, out_w, classes,
+        CHANNELS=channels, FIRST_AT_OUTPUT_SIZE=(hws[0], hws[1]) == (out_h, out_w),
+        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=input_precision,
+        num_warps=num_warps, num_stages=_NUM_STAGES,
+    )
+    return out
+
+
+@_decode_head_op.register_fake
+def _(maps, hws, out_hw, scale, shift, cls_weight, cls_bias, input_precision):
+    return maps[0].new_empty((maps[0].shape[0], cls_weight.shape[0], out_hw[0], out_hw[1]))
+
+
+def decode_head(
+    maps: Sequence[Tensor],
+    hws: Sequence[tuple[int, int]],
+    out_hw: tuple[int, int],
+    scale: Tensor,
+    shift: Tensor,
+    cls_weight: Tensor,
+    cls_bias: Tensor,
+    *,
+    input_precision: str | None = None,
+) -> Tensor:
+    """The Triton implementation of ``reference.decode_head`` (same arguments, assumed
+    checked by ``segformer_kernels.decode_head``); no-grad inference only.
+
+    ``input_precision`` sets how fp32 inputs meet the tensor cores in the classifier
+    dot: "tf32" (the default, as cuDNN does for convolutions) or "ieee" (exact fp32);
+    it does not apply to fp16/bf16.
+    """
+    if input_precision is None:
+        input_precision = "tf32"
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if maps[0].dtype != torch.float32:
+        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    tensors = (*maps, scale, shift, cls_weight, cls_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "decode_head: the Triton kernel is inference-only and has no backward; call it under "
+            "torch.no_grad() or torch.inference_mode(), or use kernels='torch' (differentiable)"
+        )
+    flat_hws = [size for hw in hws for size in hw]
+    return _decode_head_op(list(maps), flat_hws, list(out_hw), scale, shift, cls_weight, cls_bias, input_precision)
+
+
+# ---------------------------------------------------------------------------
+# Static compile targets (python -m segformer_kernels.compile_check)
+# ---------------------------------------------------------------------------
+
+# Decoder widths (B0/B1: 256, B2-B5: 768) and class counts (Cityscapes 19, ADE20K 150).
+_MODEL_CHANNELS = (256, 768)
+_MODEL_CLASSES = (19, 150)
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(dtype: torch.dtype) -> dict[str, str]:
+    """Triton types of the kernel's runtime arguments: every tensor in the input
+    dtype, the source-per-output-pixel ratios fp32, sizes i32."""
+    ty = _TRITON_DTYPES[dtype]
+    signature = {}
+    for name in _decode_head_kernel.arg_names:
+        if name.isupper():  # constexpr
+            continue
+        signature[name] = f"*{ty}" if name.endswith("_ptr") else "fp32" if name.endswith("_per_out") else "i32"
+    return signature
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every (config, dtype) the launcher launches for the model's decoders: the
+    stage-1 map at the output size, fp32 with tf32 products (the default; "ieee"
+    is a test setting)."""
+    targets = []
+    for channels in _MODEL_CHANNELS:
+        for classes in _MODEL_CLASSES:
+            for dtype, ty in _TRITON_DTYPES.items():
+                block_p, block_d, block_k, num_warps = _block_config(classes)
+                constexprs = {
+                    "CHANNELS": channels, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
+                    "BLOCK_D": block_d, "BLOCK_K": block_k, "INPUT_PRECISION": "tf32",
+                }
+                targets.append(
+                    CompileTarget(
+                        name="decode_head",
+                        kernel=_decode_head_kernel,
+                        signature=_signature(dtype),
+                        constexprs=constexprs,
+                        num_warps=num_warps,
+                        num_stages=_NUM_STAGES,
+                        config=f"D={channels} K={classes} {ty}",
+                    )
+                )
+    return targets

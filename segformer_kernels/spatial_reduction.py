@@ -1,0 +1,611 @@
+"""Spatial reduction (SegFormer's sequence reduction) as one fused Triton kernel,
+with a hand-written backward.
+
+    y = LayerNorm(Conv2d(C, C_out, kernel=stride=sr)(x on its (H, W) grid))
+
+seen as the paper writes it: each non-overlapping sr x sr patch of tokens is one
+row of a [M, C*sr^2] matrix that is multiplied by the flattened conv weight. The
+forward gathers those rows straight from the token tensor (no im2col copy, no
+NCHW transpose), accumulates the GEMM in fp32, and applies bias and LayerNorm in
+the epilogue, because one program holds whole output rows (C_out <= 512 in the
+variants).
+
+K order. The GEMM's K dimension runs over (ky, kx) outer and C inner, so every
+load of x is a run of C contiguous channels of one token. The conv weight's
+natural flattening is (c, ky, kx); the launchers re-lay it out as [C_out, sr, sr, C]
+(see ``_weight_by_cell``).
+
+Backward, from the saved pre-LayerNorm rows z (fp32) and their mean and rstd:
+  1. ``_layer_norm_backward_kernel`` (M = N/sr^2 rows, cheap): dz per row, written
+     once in the input dtype; per-program partial sums of d ln_weight, d ln_bias
+     and d bias (fp32, summed afterwards: deterministic).
+  2. ``_input_grad_kernel``: dx = dz @ W, a GEMM whose rows are scattered back to
+     the tokens of their patch. Each token lies in at most one patch, so this is a
+     plain store, no atomics. Its rows run over the ceil(H/sr) x ceil(W/sr) patches
+     covering the grid: patches the conv drops have dz = 0, so the tokens in the
+     dropped rows and columns get their zero gradient written like any other.
+  3. ``_weight_grad_kernel``: dW = dz^T @ patches, tiled over (C_out, K) and split
+     over rows into fp32 partial buffers that are summed afterwards (deterministic).
+LayerNorm backward and dx are separate kernels so that the dx GEMM's tiles do
+not have to hold whole C_out rows (which would force small row blocks and many
+re-reads of the weight); dz is only M x C_out, written once and read twice.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .compile_check import CompileTarget
+
+# How fp32 inputs meet the tensor cores on the GPU: "tf32" (the default: fast,
+# ~5e-4 relative error) or "ieee" (exact fp32, which the tests pin to compare with
+# an fp64 reference at 1e-5). fp16/bf16 dots do not use it.
+INPUT_PRECISIONS = ("tf32", "ieee")
+
+# Split the weight-gradient reduction over rows until about this many programs
+# run (a few per SM on current GPUs), but keep every split at least
+# SPLIT_ROWS_PER_OUT_CHANNEL * C_out rows long: a split writes a partial dW of
+# C_out x C*sr^2 fp32 that the sum reads back, 8*C_out bytes per K column against
+# the 2 bytes per row and K column of 16-bit x the split reads, so the partials
+# stay under a quarter of that traffic.
+WEIGHT_GRAD_TARGET_PROGRAMS = 1024
+SPLIT_ROWS_PER_OUT_CHANNEL = 16
+
+# The LayerNorm backward's programs (each writes one partial row of the three
+# parameter gradients): enough to fill the GPU, few enough that the partials
+# stay small next to dz.
+LAYER_NORM_BACKWARD_PROGRAMS = 256
+
+# The variants' (C, sr) pairs where SR runs (stage 4 has sr = 1 and no SR); the
+# conv maps C to C_out = C.
+VARIANT_CHANNELS = {32: 8, 64: 8, 128: 4, 160: 2, 320: 2}
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _multiple_of(value, ALIGN: tl.constexpr):
+    """``value`` (a multiple of ALIGN, which the launcher checked), written so that
+    the compiler knows it: offsets built from it keep C-wide tiles vector loads."""
+    return value // ALIGN * ALIGN
+
+
+@triton.jit
+def _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn):
+    """Offset in x of the top-left token of reduced row ``row`` (b, py, px)."""
+    image = row // patches_per_image
+    patch = row - image * patches_per_image
+    py = patch // reduced_width
+    px = patch - py * reduced_width
+    return image.to(tl.int64) * stride_xb + (py * sr * width + px * sr) * stride_xn
+
+
+@triton.jit
+def _k_step(step, channel_blocks, sr, BLOCK_C: tl.constexpr):
+    """K step -> (patch cell ky, kx; channel offsets). Cells outer, channels inner."""
+    cell = step // channel_blocks
+    ky = cell // sr
+    kx = cell - ky * sr
+    offsets = (step - cell * channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return ky, kx, offsets
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr,
+    y_ptr, z_ptr, mean_ptr, rstd_ptr,
+    rows, patches_per_image, reduced_width, width, channels, out_channels, sr, eps,
+    stride_xb, stride_xn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """BLOCK_M reduced rows: gather patches, GEMM with the [C_out, sr, sr, C] weight
+    (fp32 accumulation), + bias, LayerNorm. Writes y, the pre-LN rows z (fp32) and
+    the per-row mean and rstd for the backward."""
+    channels = _multiple_of(channels, ALIGN)
+    out_channels = _multiple_of(out_channels, ALIGN)
+    stride_xb = _multiple_of(stride_xb, ALIGN)
+    stride_xn = _multiple_of(stride_xn, ALIGN)
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = row < rows
+    origin = _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < out_channels
+    k_total = sr * sr * channels
+    channel_blocks = tl.cdiv(channels, BLOCK_C)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, sr * sr * channel_blocks):
+        ky, kx, ch = _k_step(step, channel_blocks, sr, BLOCK_C)
+        ch_ok = ch < channels
+        patch = tl.load(
+            x_ptr + origin[:, None] + (ky * width + kx) * stride_xn + ch[None, :],
+            mask=row_ok[:, None] & ch_ok[None, :], other=0.0,
+        )
+        w_tile = tl.load(
+            w_ptr + cols[None, :] * k_total + (ky * sr + kx) * channels + ch[:, None],
+            mask=ch_ok[:, None] & col_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(patch, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    # Padded columns are exactly 0 in acc and bias, so they add nothing to the sums.
+    z = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mean = tl.sum(z, axis=1) / out_channels
+    centered = tl.where(col_ok[None, :], z - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / out_channels + eps)
+    ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    ln_b = tl.load(ln_b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
+
+    out_offsets = row[:, None] * out_channels + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(y_ptr + out_offsets, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(z_ptr + out_offsets, z, mask=out_mask)
+    tl.store(mean_ptr + row, mean, mask=row_ok)
+    tl.store(rstd_ptr + row, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_backward_kernel(
+    dy_ptr, z_ptr, mean_ptr, rstd_ptr, ln_w_ptr,
+    dz_ptr, partial_ptr,
+    rows, out_channels, blocks_per_program,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """LayerNorm backward over ``blocks_per_program`` blocks of BLOCK_M rows:
+    dz = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * ln_w,
+    and this program's sums over its rows of dy * xhat, dy and dz, stored as
+    partials [3, programs, C_out] (d ln_weight, d ln_bias, d bias)."""
+    out_channels = _multiple_of(out_channels, ALIGN)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < out_channels
+    ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_dy = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_dz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for block in range(0, blocks_per_program):
+        row = (tl.program_id(0) * blocks_per_program + block) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = row < rows
+        offsets = row[:, None] * out_channels + cols[None, :]
+        mask = row_ok[:, None] & col_ok[None, :]
+        # Masked rows and columns load as zeros, which makes their xhat, dy and dz zero.
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offsets, mask=mask, other=0.0)
+        mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
+        dxhat = dy * ln_w[None, :]
+        mean_dxhat = tl.sum(dxhat, axis=1) / out_channels
+        mean_dxhat_xhat = tl.sum(dxhat * xhat, axis=1) / out_channels
+        dz = tl.where(mask, (dxhat - mean_dxhat[:, None] - xhat * mean_dxhat_xhat[:, None]) * rstd[:, None], 0.0)
+        tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        sum_dy_xhat += tl.sum(dy * xhat, axis=0)
+        sum_dy += tl.sum(dy, axis=0)
+        sum_dz += tl.sum(dz, axis=0)
+
+    partial = partial_ptr + tl.program_id(0) * out_channels + cols
+    programs = tl.num_programs(0)
+    tl.store(partial, sum_dy_xhat, mask=col_ok)
+    tl.store(partial + programs * out_channels, sum_dy, mask=col_ok)
+    tl.store(partial + 2 * programs * out_channels, sum_dz, mask=col_ok)
+
+
+@triton.jit
+def _input_grad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    covering_patches, height, width, channels, out_channels, sr,
+    reduced_height, reduced_width, covering_height, covering_width,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """dx at patch cell (ky, kx), BLOCK_C channels, for BLOCK_M patches of the
+    covering ceil(H/sr) x ceil(W/sr) grid: dz @ W[:, ky, kx, channels], stored at
+    the cell's token of each patch (zeros for patches the conv drops)."""
+    channels = _multiple_of(channels, ALIGN)
+    out_channels = _multiple_of(out_channels, ALIGN)
+    patch = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    patch_ok = patch < covering_patches
+    covering_per_image = covering_height * covering_width
+    image = patch // covering_per_image
+    local = patch - image * covering_per_image
+    py = local // covering_width
+    px = local - py * covering_width
+    reduced = patch_ok & (py < reduced_height) & (px < reduced_width)
+    row = image * (reduced_height * reduced_width) + py * reduced_width + px
+
+    channel_blocks = tl.cdiv(channels, BLOCK_C)
+    ky, kx, ch = _k_step(tl.program_id(1), channel_blocks, sr, BLOCK_C)
+    ch_ok = ch < channels
+    w_cell = w_ptr + (ky * sr + kx) * channels + ch[None, :]
+    k_total = sr * sr * channels
+
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for start in range(0, out_channels, BLOCK_K):
+        n = start + tl.arange(0, BLOCK_K)
+        n_ok = n < out_channels
+        dz = tl.load(dz_ptr + row[:, None] * out_channels + n[None, :], mask=reduced[:, None] & n_ok[None, :], other=0.0)
+        w_tile = tl.load(w_cell + n[:, None] * k_total, mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
+        acc = tl.dot(dz, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    token = (py * sr + ky) * width + px * sr + kx
+    token_ok = patch_ok & (py * sr + ky < height) & (px * sr + kx < width)
+    tl.store(
+        dx_ptr + image.to(tl.int64)[:, None] * height * width * channels + token[:, None] * channels + ch[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=token_ok[:, None] & ch_ok[None, :],
+    )
+
+
+@triton.jit
+def _weight_grad_kernel(
+    x_ptr, dz_ptr, partial_ptr,
+    rows, rows_per_split, patches_per_image, reduced_width, width, channels, out_channels, sr,
+    stride_xb, stride_xn,
+    BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One [BLOCK_CO, BLOCK_C] tile of dW (in the [C_out, sr, sr, C] layout) summed
+    over one split of the rows: dz^T @ patches, written to that split's fp32 partial."""
+    channels = _multiple_of(channels, ALIGN)
+    out_channels = _multiple_of(out_channels, ALIGN)
+    stride_xb = _multiple_of(stride_xb, ALIGN)
+    stride_xn = _multiple_of(stride_xn, ALIGN)
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < out_channels
+    channel_blocks = tl.cdiv(channels, BLOCK_C)
+    ky, kx, ch = _k_step(tl.program_id(1), channel_blocks, sr, BLOCK_C)
+    ch_ok = ch < channels
+    split = tl.program_id(2)
+    cell_offset = (ky * width + kx) * stride_xn
+
+    acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
+    for start in range(0, rows_per_split, BLOCK_R):
+        row = split * rows_per_split + start + tl.arange(0, BLOCK_R)
+        row_ok = row < rows
+        origin = _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn)
+        patch = tl.load(
+            x_ptr + origin[:, None] + cell_offset + ch[None, :],
+            mask=row_ok[:, None] & ch_ok[None, :], other=0.0,
+        )
+        dz_t = tl.load(
+            dz_ptr + row[None, :] * out_channels + co[:, None],
+            mask=co_ok[:, None] & row_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(dz_t, patch, acc, input_precision=INPUT_PRECISION)
+
+    k_total = sr * sr * channels
+    tl.store(
+        partial_ptr + split.to(tl.int64) * out_channels * k_total
+        + co[:, None] * k_total + (ky * sr + kx) * channels + ch[None, :],
+        acc,
+        mask=co_ok[:, None] & ch_ok[None, :],
+    )
+
+
+# ---------------------------------------------------------------- launch configurations
+
+
+def _channel_block(channels: int, limit: int) -> int:
+    """BLOCK_C: the largest of 64/32/16 (within ``limit``) that divides C, so no
+    lane is masked off; otherwise one power of two covering C up to ``limit``."""
+    for block in (64, 32, 16):
+        if block <= limit and channels % block == 0:
+            return block
+    return max(16, min(limit, triton.next_power_of_2(channels)))
+
+
+def _forward_config(out_channels: int, channels: int, element_size: int) -> dict:
+    """The forward holds whole rows of C_out (BLOCK_N = next_pow2(C_out)) for the
+    LayerNorm. BLOCK_M shrinks as C_out grows so that the fp32 [BLOCK_M, BLOCK_N]
+    accumulator takes at most 64 registers a thread (32 up to C_out = 256; the
+    epilogue keeps about three such tiles live), and BLOCK_C shrinks to keep a
+    weight tile [BLOCK_C, BLOCK_N] within 32 KB of shared memory per pipeline stage."""
+    block_n = max(16, triton.next_power_of_2(out_channels))
+    num_warps = 4 if block_n <= 64 else 8
+    block_m = max(16, min(64, 64 * 32 * num_warps // block_n))
+    block_c = _channel_block(channels, max(16, min(64, 32768 // (block_n * element_size))))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": num_warps, "num_stages": 3}
+
+
+def _layer_norm_backward_config(out_channels: int) -> dict:
+    """Whole rows again, about five fp32 tiles live: 16 registers a thread per tile,
+    which leaves room for several programs per SM (the kernel is memory-bound)."""
+    block_n = triton.next_power_of_2(out_channels)
+    return {"BLOCK_M": max(1, min(64, 2048 // block_n)), "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
+
+
+def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
+    """(programs, blocks_per_program): about LAYER_NORM_BACKWARD_PROGRAMS programs,
+    each over consecutive row blocks, so the partial sums stay few."""
+    row_blocks = triton.cdiv(rows, block_m)
+    blocks_per_program = triton.cdiv(row_blocks, LAYER_NORM_BACKWARD_PROGRAMS)
+    return triton.cdiv(row_blocks, blocks_per_program), blocks_per_program
+
+
+def _input_grad_config(out_channels: int, channels: int) -> dict:
+    """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step."""
+    block_k = max(16, min(64, triton.next_power_of_2(out_channels)))
+    return {"BLOCK_M": 64, "BLOCK_K": block_k, "BLOCK_C": _channel_block(channels, 64), "num_warps": 4, "num_stages": 3}
+
+
+def _weight_grad_config(out_channels: int, channels: int) -> dict:
+    """Tiles of dW = dz^T @ patches: [BLOCK_CO, BLOCK_C] per program, BLOCK_R rows a step."""
+    block_co = max(16, min(64, triton.next_power_of_2(out_channels)))
+    return {"BLOCK_CO": block_co, "BLOCK_R": 64, "BLOCK_C": _channel_block(channels, 64), "num_warps": 4, "num_stages": 3}
+
+
+def _weight_grad_split(rows: int, tiles: int, block_r: int, out_channels: int) -> tuple[int, int]:
+    """(splits, rows_per_split), rows_per_split a multiple of BLOCK_R, for the
+    weight-gradient reduction over ``rows`` by ``tiles`` tiles of dW. Depends on
+    the shape only, so the summation order (and the result) is fixed."""
+    shortest = max(block_r, SPLIT_ROWS_PER_OUT_CHANNEL * out_channels)
+    splits = max(1, min(triton.cdiv(WEIGHT_GRAD_TARGET_PROGRAMS, tiles), rows // shortest))
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    return triton.cdiv(rows, rows_per_split), rows_per_split
+
+
+def _launch_options(config: dict) -> dict:
+    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+def _blocks(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k.startswith("BLOCK_")}
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _alignment(*values: int) -> int:
+    """ALIGN for the kernels: the largest power of two up to 16 (the divisibility
+    Triton itself specialises integer arguments on) that divides every value."""
+    align = 16
+    while any(value % align for value in values):
+        align //= 2
+    return align
+
+
+def _channels_contiguous(x: Tensor) -> Tensor:
+    """The kernels read runs of C contiguous channels; any other token layout
+    (e.g. a transposed NCHW view) is copied by each launcher. Slices of wider
+    tensors keep stride 1 over C and are read in place."""
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def _weight_by_cell(weight: Tensor) -> Tensor:
+    """[C_out, C, sr, sr] -> contiguous [C_out, sr, sr, C]: the GEMM's K order, so a
+    weight tile is contiguous over C like the x patches it multiplies. Forward and
+    backward each copy the weight once: C_out*C*sr^2 elements against the B*M*C*sr^2
+    of x their kernels read, i.e. C_out/(B*M) of the activation traffic (64/256 at
+    batch 1 on stage 1 at 512x512, less with any batch), and it stays in L2."""
+    return weight.permute(0, 2, 3, 1).contiguous()
+
+
+def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
+             ln_bias: Tensor, eps: float, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> y [B, M, C_out] (x's dtype), z [B*M, C_out] (pre-LayerNorm, fp32), mean and rstd [B*M] (fp32)."""
+    x = _channels_contiguous(x)
+    batch, _, channels = x.shape
+    out_channels, sr = weight.shape[0], weight.shape[-1]
+    height, width = hw
+    reduced_width = width // sr
+    patches = (height // sr) * reduced_width
+    rows = batch * patches
+    config = _forward_config(out_channels, channels, x.element_size())
+
+    y = x.new_empty(batch, patches, out_channels)
+    z = torch.empty(rows, out_channels, device=x.device, dtype=torch.float32)
+    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _forward_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
+        x, _weight_by_cell(weight), bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
+        y, z, mean, rstd,
+        rows, patches, reduced_width, width, channels, out_channels, sr, eps,
+        x.stride(0), x.stride(1),
+        **_blocks(config), ALIGN=_alignment(channels, out_channels, x.stride(0), x.stride(1)),
+        INPUT_PRECISION=input_precision, **_launch_options(config),
+    )
+    return y, z, mean, rstd
+
+
+def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
+              mean: Tensor, rstd: Tensor, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
+    x = _channels_contiguous(x)
+    # dy has only M = N/sr^2 rows: an upstream gradient in another layout (an
+    # expanded one from a sum, say) is cheap to make contiguous.
+    dy = dy.contiguous()
+    batch, _, channels = x.shape
+    out_channels, sr = weight.shape[0], weight.shape[-1]
+    height, width = hw
+    reduced_height, reduced_width = height // sr, width // sr
+    rows = batch * reduced_height * reduced_width
+    f32 = {"device": x.device, "dtype": torch.float32}
+
+    config = _layer_norm_backward_config(out_channels)
+    programs, blocks_per_program = _layer_norm_backward_grid(rows, config["BLOCK_M"])
+    dz = x.new_empty(rows, out_channels)
+    param_partials = torch.empty(3, programs, out_channels, **f32)
+    _layer_norm_backward_kernel[(programs,)](
+        dy, z, mean, rstd, ln_weight.contiguous(), dz, param_partials,
+        rows, out_channels, blocks_per_program,
+        **_blocks(config), ALIGN=_alignment(out_channels), **_launch_options(config),
+    )
+
+    config = _input_grad_config(out_channels, channels)
+    covering_height, covering_width = triton.cdiv(height, sr), triton.cdiv(width, sr)
+    covering_patches = batch * covering_height * covering_width
+    dx = torch.empty(batch, height * width, channels, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(covering_patches, config["BLOCK_M"]), sr * sr * triton.cdiv(channels, config["BLOCK_C"]))
+    _input_grad_kernel[grid](
+        dz, _weight_by_cell(weight), dx,
+        covering_patches, height, width, channels, out_channels, sr,
+        reduced_height, reduced_width, covering_height, covering_width,
+        **_blocks(config), ALIGN=_alignment(channels, out_channels),
+        INPUT_PRECISION=input_precision, **_launch_options(config),
+    )
+
+    config = _weight_grad_config(out_channels, channels)
+    grid_co = triton.cdiv(out_channels, config["BLOCK_CO"])
+    grid_k = sr * sr * triton.cdiv(channels, config["BLOCK_C"])
+    splits, rows_per_split = _weight_grad_split(rows, grid_co * grid_k, config["BLOCK_R"], out_channels)
+    weight_partials = torch.empty(splits, out_channels, sr, sr, channels, **f32)
+    _weight_grad_kernel[(grid_co, grid_k, splits)](
+        x, dz, weight_partials,
+        rows, rows_per_split, reduced_height * reduced_width, reduced_width, width, channels, out_channels, sr,
+        x.stride(0), x.stride(1),
+        **_blocks(config), ALIGN=_alignment(channels, out_channels, x.stride(0), x.stride(1)),
+        INPUT_PRECISION=input_precision, **_launch_options(config),
+    )
+
+    d_weight = weight_partials.sum(0).permute(0, 3, 1, 2).to(weight.dtype, memory_format=torch.contiguous_format)
+    d_ln_weight, d_ln_bias, d_bias = (partial.sum(0).to(weight.dtype) for partial in param_partials)
+    return dx, d_weight, d_bias, d_ln_weight, d_ln_bias
+
+
+# ---------------------------------------------------------------- autograd op
+
+
+@torch.library.custom_op("segformer::spatial_reduction", mutates_args=())
+def _spatial_reduction_op(
+    x: Tensor, hw: Sequence[int], weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+    input_precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (y, z, mean, rstd); z, mean and rstd are for the backward only.
+
+    The backward keeps z, the pre-LayerNorm rows, in fp32 instead of recomputing
+    them: z has M = N/sr^2 rows (C_out*4 bytes each), while recomputing it would
+    repeat the whole forward GEMM and its pass over the N tokens of x."""
+    return _forward(x, tuple(hw), weight, bias, ln_weight, ln_bias, eps, input_precision)
+
+
+@_spatial_reduction_op.register_fake
+def _(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision):
+    sr = weight.shape[-1]
+    patches = (hw[0] // sr) * (hw[1] // sr)
+    rows = x.shape[0] * patches
+    return (
+        x.new_empty(x.shape[0], patches, weight.shape[0]),
+        x.new_empty(rows, weight.shape[0], dtype=torch.float32),
+        x.new_empty(rows, dtype=torch.float32),
+        x.new_empty(rows, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("segformer::spatial_reduction_backward", mutates_args=())
+def _spatial_reduction_backward_op(
+    dy: Tensor, x: Tensor, hw: Sequence[int], weight: Tensor, ln_weight: Tensor, z: Tensor, mean: Tensor,
+    rstd: Tensor, input_precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
+    return _backward(dy, x, tuple(hw), weight, ln_weight, z, mean, rstd, input_precision)
+
+
+@_spatial_reduction_backward_op.register_fake
+def _(dy, x, hw, weight, ln_weight, z, mean, rstd, input_precision):
+    out_channels = weight.shape[0]
+    return (
+        x.new_empty(x.shape),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        x.new_empty(out_channels, dtype=weight.dtype),
+        x.new_empty(out_channels, dtype=weight.dtype),
+        x.new_empty(out_channels, dtype=weight.dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, hw, weight, _bias, ln_weight, _ln_bias, _eps, input_precision = inputs
+    _y, z, mean, rstd = output
+    ctx.save_for_backward(x, weight, ln_weight, z, mean, rstd)
+    ctx.hw = tuple(hw)
+    ctx.input_precision = input_precision
+    ctx.mark_non_differentiable(z, mean, rstd)
+
+
+def _backward_formula(ctx, dy, _dz, _dmean, _drstd):
+    x, weight, ln_weight, z, mean, rstd = ctx.saved_tensors
+    dx, d_weight, d_bias, d_ln_weight, d_ln_bias = _spatial_reduction_backward_op(
+        dy, x, ctx.hw, weight, ln_weight, z, mean, rstd, ctx.input_precision
+    )
+    return dx, None, d_weight, d_bias, d_ln_weight, d_ln_bias, None, None
+
+
+_spatial_reduction_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- function
+
+
+def spatial_reduction(
+    x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
+    *, input_precision: str = "tf32",
+) -> Tensor:
+    """The Triton spatial reduction: x [B, H*W, C] (any strides) -> [B, (H//sr)*(W//sr), C_out].
+
+    Arguments as segformer_kernels.reference.spatial_reduction, assumed checked
+    (``segformer_kernels.spatial_reduction`` checks them). ``input_precision``: see
+    INPUT_PRECISIONS; it only affects fp32 inputs on a GPU."""
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if x.dtype != torch.float32:
+        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    return _spatial_reduction_op(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision)[0]
+
+
+# ---------------------------------------------------------------- compile targets
+
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_FP32_BUFFERS = {"z_ptr", "mean_ptr", "rstd_ptr", "partial_ptr"}
+
+
+def _signature(kernel, element_type: str) -> dict[str, str]:
+    """Runtime argument types, read off the kernel's argument names: pointers are to
+    the input dtype except the fp32 buffers, eps is a float, UPPER_CASE names are
+    constexprs, the rest are ints."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name.isupper():
+            continue
+        if name.endswith("_ptr"):
+            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{element_type}"
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+    return signature
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every (kernel, config, dtype) the launchers pick for the variants' SR stages
+    (C_out = C). sr is a runtime argument: it changes loop trip counts, not the
+    compiled code. ALIGN is 16, as for every C the variants use; fp32 dots use the
+    default tf32 (the "ieee" the tests pin is a test-only variant)."""
+    targets = {}
+    for dtype, element_type in _TRITON_TYPES.items():
+        for channels, sr in VARIANT_CHANNELS.items():
+            for name, kernel, config in (
+                ("spatial_reduction_forward", _forward_kernel, _forward_config(channels, channels, dtype.itemsize)),
+                ("spatial_reduction_layer_norm_backward", _layer_norm_backward_kernel,
+                 _layer_norm_backward_config(channels)),
+                ("spatial_reduction_input_grad", _input_grad_kernel, _input_grad_config(channels, channels)),
+                ("spatial_reduction_weight_grad", _weight_grad_kernel, _weight_grad_config(channels, channels)),
+            ):
+                described = " ".join(f"{key}={value}" for key, value in config.items())
+                key = (name, element_type, described)
+                if key in targets:  # another C with the same blocks compiles the same code
+                    continue
+                constexprs = {**_blocks(config), "ALIGN": 16}
+                if "INPUT_PRECISION" in kernel.arg_names:
+                    constexprs["INPUT_PRECISION"] = "tf32"
+                targets[key] = CompileTarget(
+                    name=name,
+                    kernel=kernel,
+                    signature=_signature(kernel, element_type),
+                    constexprs=constexprs,
+                    **_launch_options(config),
+                    config=f"C={channels} (sr={sr}) {element_type} {described}",
+                )
+    return list(targets.values())

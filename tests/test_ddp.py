@@ -1,0 +1,87 @@
+"""Data-parallel training on CPU (gloo): 2 processes agree with the single-process average
+gradient over the union of their shards, and `torchrun -m segformer train` runs end to end."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from helpers import rel_err
+from segformer.train import LOG_FILE, TRAINING_STATE, SampleStream, TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[1]
+# no dropout or drop path: the gradients must not depend on per-rank random draws
+CONFIG = dict(data="synthetic", synthetic_size=64, batch_size=2, grad_accum=2, steps=4, kernels="torch", seed=5,
+              drop_path_rate=0.0, classifier_dropout=0.0, progress=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_gradients(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(TrainConfig(**CONFIG, out=out_dir))
+    try:
+        assert trainer.group.world_size == world_size and trainer.group.rank == rank
+        keys = trainer.micro_batch_keys(0)
+        losses = trainer.forward_backward([trainer.load_batch(k) for k in keys])
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
+        torch.save({"keys": keys, "losses": losses, "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        trainer.close()
+
+
+def test_two_processes_average_the_shard_gradients(tmp_path):
+    mp.spawn(rank_gradients, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    torch.set_num_threads(1)
+    single = Trainer(TrainConfig(**CONFIG, out=str(tmp_path)))
+    assert single.group.world_size == 1
+    shard_grads = []
+    for rank, result in enumerate(results):
+        stream = SampleStream(len(single.train_set), CONFIG["seed"], rank=rank, world_size=2)
+        keys = [stream.keys(m * CONFIG["batch_size"], CONFIG["batch_size"]) for m in range(CONFIG["grad_accum"])]
+        assert [list(map(tuple, k)) for k in result["keys"]] == keys  # each rank read its own shard
+        single.optimizer.zero_grad(set_to_none=True)
+        losses = single.forward_backward([single.load_batch(k) for k in keys])
+        torch.testing.assert_close(losses, result["losses"], rtol=1e-5, atol=0)
+        shard_grads.append({name: p.grad.clone() for name, p in single.model.named_parameters()})
+    shard_keys = [{k for micro in r["keys"] for k in map(tuple, micro)} for r in results]
+    assert not shard_keys[0] & shard_keys[1]  # disjoint shards
+
+    for name, _ in single.model.named_parameters():
+        average = (shard_grads[0][name] + shard_grads[1][name]) / 2
+        for rank in range(2):
+            got = results[rank]["grads"][name]
+            assert rel_err(got, average) <= 1e-5, f"rank {rank} {name}: {rel_err(got, average):.2e}"
+    # the shards really differ, so the average is not either shard's gradient
+    assert any(rel_err(shard_grads[0][n], shard_grads[1][n]) > 1e-2 for n in shard_grads[0])
+
+
+def test_torchrun_trains_with_two_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "segformer", "train", "--data", "synthetic", "--synthetic-size", "64", "--steps", "2",
+               "--batch-size", "1", "--kernels", "torch", "--save-every", "2", "--log-every", "1", "--lr", "1e-4",
+               "--out", str(run_dir), "--no-progress"]
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
+    assert [(r["step"], r["event"]) for r in records] == [(1, "train"), (2, "train"), (2, "val")]  # one writer
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    state = torch.load(run_dir / "checkpoint-000002" / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
+    assert (run_dir / "model.safetensors").is_file()
+    assert completed.stdout.count("trained 2 steps") == 1
