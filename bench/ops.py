@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .core import (
     PRIORITY_COMPILE_KERNEL, PRIORITY_COMPILE_TARGET_KERNEL, PRIORITY_KERNEL, PRIORITY_TARGET,
-    TARGET_KERNEL_CASES, Context, Item, as_tuple, dtype_name, make_row,
+    TARGET_KERNEL_CASES, Context, Item, Skip, as_tuple, dtype_name, make_row,
 )
 from .providers import EAGER, SDPA, OpTable, compiled, fused_table
 from .roofline import MODES, min_bytes, min_flops, tensor_bytes
@@ -400,10 +400,14 @@ def run_kernel_item(op: KernelOp, stage: Stage, provider: str, batch: int, ctx: 
     return sorted(rows, key=lambda r: MODES.index(r["mode"]))
 
 
+def skip_item(reason: str, ctx: Context) -> list[dict]:
+    raise Skip(reason)
+
+
 def kernel_items(smoke: bool, providers: tuple[str, ...], dtype: torch.dtype) -> list[Item]:
     """Every (op, case, provider) to measure, with its priority and cost estimate.
-    In smoke mode torch.compile runs for the two blocks only (its CPU compilation is
-    slow and its timing means nothing there)."""
+    In smoke mode torch.compile (backend aot_eager) runs for the two blocks only: CPU
+    compilation is slow and its timing means nothing there."""
     batch = SMOKE_BATCH if smoke else GPU_BATCH
     items = []
     for stage in benchmark_stages(smoke):
@@ -411,8 +415,11 @@ def kernel_items(smoke: bool, providers: tuple[str, ...], dtype: torch.dtype) ->
             if not op.applies(stage):
                 continue
             for provider in op.providers:
-                if provider not in providers or (provider == "compile" and smoke and not op.name.endswith("_block")):
+                if provider not in providers:
                     continue
+                run = functools.partial(run_kernel_item, op, stage, provider, batch)
+                if provider == "compile" and smoke and not op.name.endswith("_block"):
+                    run = functools.partial(skip_item, "smoke: torch.compile runs for the two blocks only (CPU compiles are slow)")
                 target = stage.name in TARGET_KERNEL_CASES and op.name.endswith("_block")
                 if provider == "compile":
                     priority = PRIORITY_COMPILE_TARGET_KERNEL if target else PRIORITY_COMPILE_KERNEL
@@ -421,6 +428,6 @@ def kernel_items(smoke: bool, providers: tuple[str, ...], dtype: torch.dtype) ->
                 items.append(Item(
                     suite="kernel", op=op.name, case=op.case(stage), provider=provider, modes=op.modes,
                     priority=priority, est_s=0.0 if smoke else EST_S[provider], dtype=dtype_name(dtype), batch=batch,
-                    shape=op.shape(stage, batch), run=functools.partial(run_kernel_item, op, stage, provider, batch),
+                    shape=op.shape(stage, batch), run=run,
                 ))
     return items

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import segformer_kernels as sk
 from segformer_kernels import reference
-from segformer_kernels._backend import INTERPRET, triton_implementation, triton_runs_on
+from segformer_kernels._backend import INTERPRET, TRITON_IMPLEMENTATIONS, triton_implementation, triton_runs_on
 
 from .core import CompileSpec, Skip
 
@@ -53,14 +53,13 @@ SDPA = dataclasses.replace(EAGER, efficient_attention=sdpa_attention)
 
 def triton_kernels() -> tuple[str, ...]:
     """Ops (of all the library's Triton slots) whose kernel module exists."""
-    from segformer_kernels._backend import TRITON_IMPLEMENTATIONS
-
     return tuple(op for op in TRITON_IMPLEMENTATIONS if triton_implementation(op) is not None)
 
 
 def check_triton_runs(device: torch.device) -> None:
     if not triton_runs_on(device):
-        why = "TRITON_INTERPRET=1 was not set before triton was imported" if device.type == "cpu" and not INTERPRET else "triton is not usable"
+        why = ("TRITON_INTERPRET=1 was not set before triton was imported" if device.type == "cpu" and not INTERPRET
+               else "triton is not importable")
         raise Skip(f"fused: Triton kernels cannot run on {device.type} here ({why})")
 
 

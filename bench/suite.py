@@ -132,6 +132,7 @@ def run(options: Options) -> Path | None:
         # after every item, so a run killed from outside still leaves its rows
         write_rows(rows_path, merge_rows(earlier, rows))
     rows = merge_rows(earlier, rows)
+    write_rows(rows_path, rows)
 
     from .report import write_performance, write_report
 

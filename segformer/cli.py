@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=("whole", "slide"), default="whole", help="whole image or sliding window")
     evaluate.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N",
                           help="window size of slide mode and base of the test scale: H [W] (default: the training crop)")
-    evaluate.add_argument("--stride", type=int, nargs="+", default=None, metavar="N", help="slide stride: H [W] (default 2/3 crop)")
+    evaluate.add_argument("--stride", type=int, nargs="+", default=None, metavar="N",
+                          help="slide stride: H [W] (default 2/3 crop)")
     evaluate.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="R",
                           help="test-scale ratios, e.g. 0.5 0.75 1.0 1.25 1.5 1.75 (default 1.0)")
     evaluate.add_argument("--flip", action="store_true", help="also average the horizontally flipped image")

@@ -380,7 +380,8 @@ def _shape_mask(cls: int, rng: np.random.Generator, dx: np.ndarray, dy: np.ndarr
         aspect = rng.uniform(0.45, 1.0)
         return (np.abs(u) <= radius) & (np.abs(v) <= radius * aspect)
     # triangle: inside when on the same side of all three edges
-    corners = [(radius * math.cos(angle + k * 2 * math.pi / 3), radius * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+    angles = [angle + k * 2 * math.pi / 3 for k in range(3)]
+    corners = [(radius * math.cos(a), radius * math.sin(a)) for a in angles]
     inside = np.ones(dx.shape, dtype=bool)
     for (ax, ay), (bx, by) in zip(corners, corners[1:] + corners[:1]):
         inside &= (bx - ax) * (dy - ay) - (by - ay) * (dx - ax) >= 0

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .data import DataError, SegmentationDataset
 from .metrics import confusion_matrix, metrics_from_confusion
-from .runtime import ProcessGroup, autocast
+from .runtime import ProcessGroup, autocast, progress_bar
 from .transforms import base_scale, eval_image
 
 RUN_INFO = "run.json"  # written by training beside the model: dataset, classes, crop size
@@ -47,13 +47,6 @@ def load_model(checkpoint: str | os.PathLike, kernels: str = "auto", device: tor
     except (OSError, ValueError, ImportError) as error:
         raise DataError(f"{checkpoint}: cannot load the model: {error}") from None
     return model.to(device).eval(), read_run_info(checkpoint)
-
-
-def class_names_of(model, info: dict | None = None) -> list[str]:
-    if info and info.get("class_names") and len(info["class_names"]) == model.config.num_labels:
-        return list(info["class_names"])
-    id2label = model.config.id2label or {}
-    return [id2label.get(k, f"class {k}") for k in range(model.config.num_labels)]
 
 
 def model_logits(model, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -89,7 +82,8 @@ def slide_inference(model, image: torch.Tensor, crop_size: tuple[int, int], stri
     to ``out_size``. [1, 3, h, w] -> logits [1, K, *out_size]."""
     height, width = image.shape[-2:]
     crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
-    boxes = [(top, left) for top in window_origins(height, crop_h, stride[0]) for left in window_origins(width, crop_w, stride[1])]
+    lefts = window_origins(width, crop_w, stride[1])
+    boxes = [(top, left) for top in window_origins(height, crop_h, stride[0]) for left in lefts]
     total = count = None
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
@@ -166,9 +160,9 @@ def evaluate(model, dataset: SegmentationDataset, *, mode: str = "whole", crop_s
         raise ValueError(f"the model predicts {num_classes} classes but the dataset has {dataset.num_classes}")
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     indices = range(group.rank, len(dataset), group.world_size)
-    bar = _progress(indices, "eval") if progress and group.is_main else indices
+    bar = progress_bar(indices, desc="eval", leave=False) if progress and group.is_main else None
     try:
-        for index in bar:
+        for index in bar if bar is not None else indices:
             image, label = dataset[index]
             label = torch.from_numpy(label).to(device)
             probabilities = segment(model, image, tuple(label.shape), mode=mode, crop_size=crop_size, stride=stride,
@@ -179,10 +173,3 @@ def evaluate(model, dataset: SegmentationDataset, *, mode: str = "whole", crop_s
     group.all_reduce_sum(matrix)
     return metrics_from_confusion(matrix, dataset.class_names)
 
-
-def _progress(iterable, description: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True)

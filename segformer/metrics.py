@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from .data import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -29,7 +29,8 @@ def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, 
     valid = label != ignore_index
     label, pred = label[valid], pred[valid]
     if label.numel() and (label.min() < 0 or label.max() >= num_classes):
-        raise ValueError(f"label values must be in [0, {num_classes}) or {ignore_index}; got {label.min().item()}..{label.max().item()}")
+        raise ValueError(f"label values must be in [0, {num_classes}) or {ignore_index}; "
+                         f"got {label.min().item()}..{label.max().item()}")
     if pred.numel() and (pred.min() < 0 or pred.max() >= num_classes):
         raise ValueError(f"predictions must be in [0, {num_classes})")
     counts = torch.bincount(label * num_classes + pred, minlength=num_classes * num_classes)

@@ -270,11 +270,12 @@ class SegFormer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """NVlabs' initialisation: truncated normal(0.02) for Linear, He normal over
-        fan-out for Conv2d, zero biases, unit norms."""
+        """NVlabs' initialisation: normal(0, 0.02) for Linear (NVlabs truncates at +-2,
+        100 standard deviations out, which never happens), He normal over fan-out for
+        Conv2d, zero biases, unit norms."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
+                module.weight.normal_(0.0, 0.02)
             elif isinstance(module, nn.Conv2d):
                 fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
                 module.weight.normal_(0.0, math.sqrt(2.0 / fan_out))

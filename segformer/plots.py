@@ -92,7 +92,9 @@ def _per_class_bars(axis, metrics: dict, most: int = 40) -> None:
         classes = sorted(classes, key=lambda c: -c["pixels"])[:most]
     axis.bar(range(len(classes)), [100 * c["IoU"] for c in classes], color="tab:purple")
     axis.set_xticks(range(len(classes)))
-    axis.set_xticklabels([c["name"] for c in classes], rotation=60 if len(classes) > 6 else 0, ha="right" if len(classes) > 6 else "center", fontsize=8)
+    crowded = len(classes) > 6
+    axis.set_xticklabels([c["name"] for c in classes], rotation=60 if crowded else 0, ha="right" if crowded else "center",
+                         fontsize=8)
     axis.set_ylim(0, 100)
     axis.set_ylabel("IoU %")
     axis.set_title(f"eval: mIoU {100 * metrics['mIoU']:.1f}  mAcc {100 * metrics['mAcc']:.1f}  aAcc {100 * metrics['aAcc']:.1f}"

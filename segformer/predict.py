@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .data import IMAGE_SUFFIXES, DataError, read_image
 from .evaluate import model_logits
 from .palette import colourise
+from .runtime import progress_bar
 from .transforms import eval_image, rescaled_size
 
 
@@ -97,7 +98,7 @@ def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         groups[rescaled_size(height, width, scale) if scale else (height, width)].append(position)
     batches = [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
     records: list[dict | None] = [None] * len(images)
-    bar = _progress(batches, len(images)) if progress else None
+    bar = progress_bar(total=len(images), desc="predict", unit="img", leave=False) if progress else None
     for batch in batches:
         pictures = [read_image(images[p][0]) for p in batch]
         inputs_t = torch.stack([eval_image(picture, scale) for picture in pictures]).to(device)
@@ -119,10 +120,3 @@ def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         bar.close()
     return records
 
-
-def _progress(batches, total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="predict", unit="img", leave=False, dynamic_ncols=True)

@@ -39,6 +39,15 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
 
 
+def progress_bar(iterable=None, **options):
+    """A tqdm progress bar, or None when tqdm is not installed (callers then print plain lines)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(iterable, dynamic_ncols=True, **options)
+
+
 @dataclass
 class ProcessGroup:
     """This process's place in a torchrun launch (rank 0 of 1 without one)."""

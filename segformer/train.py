@@ -35,7 +35,7 @@ import torch
 from .data import DataError, SegmentationDataset, has_split, open_dataset
 from .evaluate import RUN_INFO, evaluate
 from .metrics import format_table, json_safe
-from .runtime import ProcessGroup, autocast, init_process_group, process_device, resolve_precision
+from .runtime import autocast, init_process_group, process_device, progress_bar, resolve_precision
 from .transforms import TrainTransform
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -243,7 +243,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None):
         self.group = init_process_group(config.device)
         self.device = process_device(self.group, config.device)
-        self.precision = resolve_precision(config.precision, self.device)
+        self.precision = config.precision = resolve_precision(config.precision, self.device)
         self.resume_from = resume
         self.resume_state = None
         if resume is not None:
@@ -303,12 +303,16 @@ class Trainer:
         if resume is None and config.init is None:
             return SegFormer.from_config(config.model, num_classes=self.train_set.num_classes, **options)
         source = resume if resume is not None else config.init
+        num_classes = {} if resume is not None else {"num_classes": self.train_set.num_classes}
         try:
-            if resume is not None:
-                return SegFormer.from_pretrained(source, **options)
-            return SegFormer.from_pretrained(source, num_classes=self.train_set.num_classes, **options)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model = SegFormer.from_pretrained(source, **num_classes, **options)
         except (OSError, ValueError, ImportError) as error:
             raise DataError(f"{source}: cannot load the model: {error}") from None
+        for warning in caught:  # e.g. "fresh classifier for N classes": shown as a note, not a code location
+            self.note(f"note: {warning.message}")
+        return model
 
     def _restore(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -341,7 +345,8 @@ class Trainer:
         if workers is None:
             workers = min(4, (os.cpu_count() or 1) // max(1, self.group.world_size)) if self.device.type == "cuda" else 0
         loader = torch.utils.data.DataLoader(
-            _CheckedSamples(self.samples), collate_fn=_collate, batch_sampler=MicroBatches(self.stream, self.config.batch_size, self.start_step, self.config.grad_accum),
+            _CheckedSamples(self.samples), collate_fn=_collate,
+            batch_sampler=MicroBatches(self.stream, self.config.batch_size, self.start_step, self.config.grad_accum),
             num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             generator=torch.Generator(),  # its seed draw must not consume the global RNG (dropout)
         )
@@ -487,7 +492,8 @@ class Trainer:
         if group.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             log = self._open_log()
-            bar = _progress_bar(config.steps, self.start_step) if config.progress else None
+            if config.progress:
+                bar = progress_bar(total=config.steps, initial=self.start_step, desc="train", unit="step")
             self.note(f"training {self.model.config.preset_name() or 'SegFormer'} on {self.train_set.describe()}"
                       f" | {config.steps} steps, batch {config.batch_size} x {config.grad_accum} accum x "
                       f"{group.world_size} proc, crop {config.crop_size[0]}x{config.crop_size[1]}, {self.precision}, "
@@ -594,14 +600,6 @@ class Trainer:
 
 def _val_record(step: int, metrics: dict) -> dict:
     return {"step": step, "event": "val", "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"]}
-
-
-def _progress_bar(total: int, initial: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 # ---- entry points ------------------------------------------------------------------------------

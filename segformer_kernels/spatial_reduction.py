@@ -229,7 +229,9 @@ def _input_grad_kernel(
     for start in range(0, out_channels, BLOCK_K):
         n = start + tl.arange(0, BLOCK_K)
         n_ok = n < out_channels
-        dz = tl.load(dz_ptr + row[:, None] * out_channels + n[None, :], mask=reduced[:, None] & n_ok[None, :], other=0.0)
+        dz = tl.load(
+            dz_ptr + row[:, None] * out_channels + n[None, :], mask=reduced[:, None] & n_ok[None, :], other=0.0
+        )
         w_tile = tl.load(w_cell + n[:, None] * k_total, mask=n_ok[:, None] & ch_ok[None, :], other=0.0)
         acc = tl.dot(dz, w_tile, acc, input_precision=INPUT_PRECISION)
 
@@ -331,13 +333,15 @@ def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
 def _input_grad_config(out_channels: int, channels: int) -> dict:
     """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step."""
     block_k = max(16, min(64, triton.next_power_of_2(out_channels)))
-    return {"BLOCK_M": 64, "BLOCK_K": block_k, "BLOCK_C": _channel_block(channels, 64), "num_warps": 4, "num_stages": 3}
+    block_c = _channel_block(channels, 64)
+    return {"BLOCK_M": 64, "BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
 
 
 def _weight_grad_config(out_channels: int, channels: int) -> dict:
     """Tiles of dW = dz^T @ patches: [BLOCK_CO, BLOCK_C] per program, BLOCK_R rows a step."""
     block_co = max(16, min(64, triton.next_power_of_2(out_channels)))
-    return {"BLOCK_CO": block_co, "BLOCK_R": 64, "BLOCK_C": _channel_block(channels, 64), "num_warps": 4, "num_stages": 3}
+    block_c = _channel_block(channels, 64)
+    return {"BLOCK_CO": block_co, "BLOCK_R": 64, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
 
 
 def _weight_grad_split(rows: int, tiles: int, block_r: int, out_channels: int) -> tuple[int, int]:

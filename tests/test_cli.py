@@ -1,7 +1,6 @@
 """The segformer command: train -> eval -> predict, resume, option errors, the demo."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from helpers import rel_err
 from segformer.train import LOG_FILE, TRAINING_STATE, SampleStream, TrainConfig, Trainer
@@ -69,19 +70,30 @@ def test_two_processes_average_the_shard_gradients(tmp_path):
     assert any(rel_err(shard_grads[0][n], shard_grads[1][n]) > 1e-2 for n in shard_grads[0])
 
 
-def test_torchrun_trains_with_two_processes(tmp_path):
-    run_dir = tmp_path / "run"
+def torchrun(args, cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "segformer", "train", "--data", "synthetic", "--synthetic-size", "64", "--steps", "2",
-               "--batch-size", "1", "--kernels", "torch", "--save-every", "2", "--log-every", "1", "--lr", "1e-4",
-               "--out", str(run_dir), "--no-progress"]
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+               "-m", "segformer", "train", *args, "--no-progress"]
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
+def test_torchrun_trains_and_resumes_with_two_processes(tmp_path):
+    """One rank writes the files; the checkpoint holds both ranks' RNG states, so a resumed
+    2-process run (dropout and drop path on) ends with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    completed = torchrun(["--data", "synthetic", "--synthetic-size", "64", "--steps", "2", "--batch-size", "1",
+                          "--kernels", "torch", "--save-every", "1", "--log-every", "1", "--lr", "1e-4",
+                          "--out", str(run_dir)], tmp_path)
     records = [json.loads(line) for line in (run_dir / LOG_FILE).read_text().splitlines()]
     assert [(r["step"], r["event"]) for r in records] == [(1, "train"), (2, "train"), (2, "val")]  # one writer
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
-    state = torch.load(run_dir / "checkpoint-000002" / TRAINING_STATE, weights_only=True)
-    assert len(state["rng"]) == 2  # every rank's RNG state, for an exact resume
-    assert (run_dir / "model.safetensors").is_file()
+    state = torch.load(run_dir / "checkpoint-000001" / TRAINING_STATE, weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
     assert completed.stdout.count("trained 2 steps") == 1
+
+    resumed = tmp_path / "resumed"
+    torchrun(["--resume", str(run_dir / "checkpoint-000001"), "--out", str(resumed)], tmp_path)
+    first, second = load_file(run_dir / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)

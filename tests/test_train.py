@@ -134,3 +134,31 @@ def test_mixed_precision_step(tmp_path, precision):
         assert changed == (outcome == "stepped")
     finally:
         trainer.close()
+
+
+def test_fine_tune_from_a_checkpoint_with_other_classes(tmp_path, capsys):
+    """--init keeps the encoder and gives a fresh head for the folder's class count; a folder
+    without a val split trains without validation."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / "train" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "train" / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / "train" / "images" / f"{name}.jpg")
+        Image.fromarray(np.arange(1600, dtype=np.uint8).reshape(40, 40) % 3).save(
+            tmp_path / "data" / "train" / "masks" / f"{name}.png")
+    (tmp_path / "data" / "classes.txt").write_text("sky\nroad\ncar\n")
+    pretrained = SegFormer.from_config("b0", num_classes=7, kernels="torch")
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    result = train(TrainConfig(data=str(tmp_path / "data"), init=str(tmp_path / "pretrained"), out=str(tmp_path / "run"),
+                               steps=1, batch_size=2, crop_size=(32, 32), lr=1e-4, kernels="torch", progress=False))
+    err = capsys.readouterr().err
+    assert result.metrics is None and "no validation split" in err
+    assert "note: " in err and "classifier" in err  # the fresh head is announced
+    tuned = SegFormer.from_pretrained(tmp_path / "run", kernels="torch")
+    assert tuned.config.num_labels == 3 and tuned.config.id2label == {0: "sky", 1: "road", 2: "car"}
+    before, after = pretrained.encoder.state_dict(), tuned.encoder.state_dict()
+    moved = max((after[k].float() - before[k].float()).abs().max().item() for k in before if before[k].is_floating_point())
+    assert 0 < moved < 1e-3  # one small AdamW step from the loaded encoder, not a fresh one
