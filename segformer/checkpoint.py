@@ -97,9 +97,12 @@ def translate_key(key: str, source: str, target: str) -> str | None:
         if match is None:
             continue
         groups = match.groupdict()
-        stage = int(groups["i"]) if groups.get("i") is not None else int(groups["n"]) - 1 if groups.get("n") else None
-        if stage is not None and stage < 0:
-            return None
+        if groups.get("n") is not None:
+            stage = int(groups["n"]) - 1  # NVlabs counts stages from 1
+            if stage < 0:
+                return None
+        else:
+            stage = int(groups["i"]) if groups.get("i") is not None else None
         name = row[target_column]
         if stage is not None:
             name = name.replace("{i}", str(stage)).replace("{n}", str(stage + 1))
@@ -264,8 +267,6 @@ def infer_config(state: Mapping[str, Tensor], source: str, num_classes: int | No
         warnings.warn(f"hidden sizes {hidden_sizes} match no MiT preset; assuming heads {default_heads}", stacklevel=3)
     decoder = state.get("decode_head.linear_c.0.proj.weight")
     classifier = state.get("decode_head.classifier.weight")
-    if classifier is None and num_classes is None:
-        raise ValueError("the checkpoint has no segmentation head: pass num_classes= to add a fresh one")
     block_eps = NVLABS_BLOCK_EPS if source == "nvlabs" else HF_EPS
     depths_tuple = tuple(depths)
     decoder_width = (
@@ -326,6 +327,9 @@ def load_pretrained(
     if dropped:
         logger.info("%s: not used by the segmentation model: %s", where, ", ".join(dropped))
 
+    has_head = any(key.startswith("decode_head.") for key in tensors)
+    if not has_head and num_classes is None:
+        raise ValueError(f"{where} has no segmentation head (an encoder only): pass num_classes= to add a fresh one")
     if isinstance(config, str):  # a preset name: the eps still follow the checkpoint's source
         config = SegFormerConfig.preset(config, block_norm_eps=NVLABS_BLOCK_EPS if source == "nvlabs" else HF_EPS)
     if config is None:
@@ -333,7 +337,8 @@ def load_pretrained(
     class_names = _nvlabs_class_names(raw)
     if config.id2label is None and class_names is not None and len(class_names) == config.num_labels:
         config = config.replace(id2label=dict(enumerate(class_names)))
-    checkpoint_classes = tensors["decode_head.classifier.weight"].shape[0] if "decode_head.classifier.weight" in tensors else None
+    classifier = tensors.get("decode_head.classifier.weight")
+    checkpoint_classes = classifier.shape[0] if classifier is not None else None
     if checkpoint_classes is not None and config.num_labels != checkpoint_classes:
         config = config.replace(num_labels=checkpoint_classes)
     fresh_prefixes = []
@@ -344,7 +349,7 @@ def load_pretrained(
             stacklevel=3,
         )
         fresh_prefixes.append("decode_head.classifier.")
-    if not any(key.startswith("decode_head.") for key in tensors):
+    if not has_head:
         warnings.warn(f"{where} holds only an encoder: the decode head is freshly initialised", stacklevel=3)
         fresh_prefixes.append("decode_head.")
     config = _override(config, num_classes, drop_path_rate, classifier_dropout)

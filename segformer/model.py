@@ -237,7 +237,8 @@ class SegFormer(nn.Module):
                 raise ValueError(f"from_config({name_or_config!r}) needs num_classes (the number of segmentation classes)")
             config = SegFormerConfig.preset(name_or_config)
         else:
-            raise TypeError(f"name_or_config must be a preset name like 'b0' or a SegFormerConfig, got {type(name_or_config).__name__}")
+            got = type(name_or_config).__name__
+            raise TypeError(f"name_or_config must be a preset name like 'b0' or a SegFormerConfig, got {got}")
         config = _override(config, num_classes, drop_path_rate, classifier_dropout)
         return cls(config, kernels=kernels)
 
@@ -364,6 +365,14 @@ class SegFormer(nn.Module):
             raise ValueError(
                 f"images must be {expected}: {images.shape[2]}x{images.shape[3]} is too small for the "
                 f"stage reductions (minimum {self._min_image_size}x{self._min_image_size})"
+            )
+        weight = self.encoder.stages[0].patch_embed.proj.weight
+        if images.device != weight.device:
+            raise ValueError(f"images are on {images.device} but the model is on {weight.device}; move one of them")
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(
+                f"images are {images.dtype} but the model's weights are {weight.dtype}; convert the images "
+                "or run under torch.autocast"
             )
 
     # ---- loss --------------------------------------------------------------------------

@@ -533,11 +533,11 @@ class Trainer:
                               **({"fp16_overflow_steps": self.overflow_steps} if self.scaler.is_enabled() else {}),
                               "epoch": (step * config.grad_accum * config.batch_size) // self.stream.per_rank,
                               "time_s": time.time() - started}
+                    shown = float("nan") if record["loss"] is None else record["loss"]
                     if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", lr=f"{lr:.2e}",
-                                        img_s=f"{record['images_per_s']:.1f}")
+                        bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
                     elif group.is_main:
-                        print(f"step {step}/{config.steps}  loss {record['loss'] or float('nan'):.4f}  lr {lr:.2e}  "
+                        print(f"step {step}/{config.steps}  loss {shown:.4f}  lr {lr:.2e}  "
                               f"{record['images_per_s']:.1f} img/s", flush=True)
                     self._write(log, record)
                     window_losses, window_steps = [], 0

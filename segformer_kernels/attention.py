@@ -287,19 +287,21 @@ KERNELS = {
 INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 
 
-# Autotune candidates. 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
-# dots one set for every head dim (fp32 is the accuracy path, not the fast one). Each
-# compiles with zero spills on sm_80 and sm_90 (sm_80's mma.sync keeps operands in
-# registers and is the tighter of the two) and fits sm_80's shared memory; Hopper's wgmma
-# wants 64 rows per warpgroup, which the 16-bit sets keep. Tile(query rows, key rows,
-# warps, stages).
+# Autotune candidates: 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
+# dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
+# fp32 ("ieee") dots run on the FMA units, need far more registers and are for tests, so
+# they get one small config. Every one compiles with zero spills for sm_80 and sm_90 at
+# d = 16, 32, 64, 128 (checked by compile_targets(); ptxas's register allocation is not
+# monotonic in the tile size, so each set is what passed, not a rule) and fits sm_80's
+# shared memory. The 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the
+# size of Hopper's wgmma tile. Tile(query rows, key rows, warps, stages).
 HALF_TILES = {
     "forward": {
-        64: (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3), Tile(128, 128, 8, 2)),
+        64: (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3)),
         128: (Tile(64, 64, 4, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3)),
     },
     "backward_dq": {
-        64: (Tile(64, 64, 4, 2), Tile(64, 64, 4, 3), Tile(64, 32, 8, 2)),
+        64: (Tile(64, 32, 4, 2), Tile(128, 32, 8, 2), Tile(64, 32, 4, 3)),
         128: (Tile(64, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
     },
     "backward_dkdv": {
@@ -308,16 +310,14 @@ HALF_TILES = {
     },
 }
 TF32_TILES = {
-    "forward": (Tile(64, 32, 4, 2), Tile(64, 32, 8, 2)),
+    "forward": (Tile(64, 32, 4, 2),),
     "backward_dq": (Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
-    "backward_dkdv": (Tile(16, 64, 8, 2), Tile(32, 32, 4, 2)),
+    "backward_dkdv": (Tile(32, 32, 4, 2), Tile(16, 32, 4, 2)),
 }
-# Exact fp32 ("ieee") dots run on FMA units and need far more registers; that path is
-# for tests, so it gets one small config per kernel.
 IEEE_TILES = {
     "forward": (Tile(32, 32, 8, 2),),
-    "backward_dq": (Tile(32, 32, 8, 2),),
-    "backward_dkdv": (Tile(16, 64, 8, 2),),
+    "backward_dq": (Tile(32, 16, 4, 2),),
+    "backward_dkdv": (Tile(32, 16, 8, 2),),
 }
 
 
@@ -363,12 +363,13 @@ def _block_d(head_dim: int) -> int:
 
 
 # Query splits of the dK/dV kernel. Each split writes one fp32 [M, d] partial of dK and
-# of dV per (batch, head), which the sum then reads back: 16 * M * d bytes per split
-# against the 4 * rows * d bytes of bf16 q and dO the split reads. A split therefore
-# covers at least 4 * M rows (partials <= half the q + dO bytes; e.g. stage 1 at 512^2,
-# N = 16384, M = 256: at most 16 splits, 4 MB of partials per head at d = 64). Within
-# that bound, enough splits to give ~512 programs (several waves on a 132-SM GPU).
-# SPLIT_ALIGN is a multiple of every BLOCK_N, so query blocks never straddle splits.
+# of dV per (batch, head), which the sum then reads back: 16 * M * d bytes per split,
+# against the 4 * rows * d bytes of 16-bit q and dO the split reads. A split therefore
+# covers at least 8 * M rows, which keeps the partials under half the q + dO traffic
+# (stage 1 at 512^2, N = 16384, M = 256: at most 8 splits, 1 MB of partials per
+# (image, head) at d = 64). Within that bound, enough splits for ~512 programs (several
+# waves on a 132-SM GPU). SPLIT_ALIGN is a multiple of every BLOCK_N, so query blocks
+# never straddle splits.
 SPLIT_ALIGN = 128
 DKDV_TARGET_PROGRAMS = 512
 DKDV_ESTIMATE_BLOCK_M = 64
@@ -377,7 +378,7 @@ DKDV_ESTIMATE_BLOCK_M = 64
 def _query_split_rows(batch_heads: int, n: int, m: int) -> int:
     """Query rows per split of the dK/dV kernel (a multiple of SPLIT_ALIGN); depends on
     the shape only, so the reduction order does too."""
-    min_rows = triton.cdiv(4 * m, SPLIT_ALIGN) * SPLIT_ALIGN
+    min_rows = triton.cdiv(8 * m, SPLIT_ALIGN) * SPLIT_ALIGN
     most_splits = triton.cdiv(n, min_rows)
     wanted = triton.cdiv(DKDV_TARGET_PROGRAMS, triton.cdiv(m, DKDV_ESTIMATE_BLOCK_M) * batch_heads)
     splits = max(1, min(wanted, most_splits))

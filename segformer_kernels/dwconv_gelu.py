@@ -116,8 +116,8 @@ def dwconv3x3_tile(
     """
     centre = src_ptr + tokens.to(tl.int64)[:, None] * num_channels + channels[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    # A runtime loop over the stencil's rows: unrolled, all nine neighbour loads would
-    # be in flight at once and the registers run out.
+    # A runtime loop over the stencil's rows: fewer neighbour loads are in flight at
+    # once than with all nine unrolled, which costs registers.
     for ky in range(3):
         dy = ky - 1
         row_mask = token_mask & (row + dy >= 0) & (row + dy < height)
@@ -274,7 +274,7 @@ def dwconv_transpose(dpre: Tensor, src: Tensor, height: int, width: int, weight:
     (dsrc [tokens, C], dweight [C, 1, 3, 3], dbias [C]).
 
     The weight and bias gradients are reduced deterministically: one fp32 row of
-    partial sums per token block, then one sum over the blocks.
+    partial sums per program along the tokens, then one sum over those rows.
     """
     num_tokens, num_channels = dpre.shape
     config = stencil_config(num_channels)
@@ -350,8 +350,6 @@ def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) ->
 
 # Channel widths the model runs the conv on: the Mix-FFN hidden width 4C of every variant.
 HIDDEN_WIDTHS = (128, 256, 512, 640, 1024, 1280, 2048)
-# Output widths of fc2 (the stage widths C of every variant).
-OUTPUT_WIDTHS = (32, 64, 128, 160, 256, 320, 512)
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 

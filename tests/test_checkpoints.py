@@ -153,6 +153,8 @@ def test_nvlabs_imagenet_backbone_loads_into_the_encoder(hf_b0, tmp_path):
     backbone["head.weight"], backbone["head.bias"] = torch.randn(1000, 256), torch.randn(1000)
     path = tmp_path / "mit_b0.pth"
     torch.save(backbone, path)
+    with pytest.raises(ValueError, match="has no segmentation head .* pass num_classes="):
+        SegFormer.from_pretrained(path)
     with pytest.warns(UserWarning, match="decode head is freshly initialised"):
         model = SegFormer.from_pretrained(path, num_classes=4, kernels="torch")
     assert model.config.num_labels == 4 and model.config.block_norm_eps == 1e-6

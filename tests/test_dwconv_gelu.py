@@ -61,6 +61,13 @@ def test_every_model_hidden_width(channels, dtype, device, poisoned_allocations)
     _check_against_fp64((13, 29), channels, 2, dtype, device)
 
 
+def test_programs_that_walk_several_token_tiles(monkeypatch, device, poisoned_allocations):
+    """The backward's programs each walk tiles pid, pid + P, ...: with P = 3 and 6 tiles
+    of 64 tokens (C = 32), each program reduces two tiles, the last one partial."""
+    monkeypatch.setattr(module, "MAX_TOKEN_PROGRAMS", 3)
+    _check_against_fp64(ODD_GRIDS[3], 32, 1, torch.float32, device)
+
+
 def test_public_op_runs_the_triton_kernel(device):
     x, weight, bias = _inputs((7, 5), 24, 3, torch.float32, device)
     out = sk.dwconv_gelu(x, (7, 5), weight, bias, kernels="triton")
@@ -71,9 +78,9 @@ def test_public_op_runs_the_triton_kernel(device):
 
 
 def test_weight_gradients_are_deterministic(device):
-    x, weight, bias = _inputs((13, 29), 40, 3, torch.float32, device)
+    x, weight, bias = _inputs((7, 5), 40, 3, torch.float32, device)
     upstream = torch.randn_like(x)
-    first, second = (torch.autograd.grad(dwconv_gelu(x, (13, 29), weight, bias), (x, weight, bias), upstream)
+    first, second = (torch.autograd.grad(dwconv_gelu(x, (7, 5), weight, bias), (x, weight, bias), upstream)
                      for _ in range(2))
     for name, a, b in zip(("dx", "dweight", "dbias"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical backward passes"
@@ -92,12 +99,16 @@ def test_fullgraph_compile_traces_forward_and_backward(device):
 
 
 def test_compile_targets_cover_the_launcher_configs():
-    targets = module.compile_targets()
-    compiled = {(t.kernel, tuple(sorted(t.constexprs.items()))) for t in targets}
+    """Every (kernel, constexprs, dtype) a launch at the model's widths compiles is a compile target."""
+    compiled = {
+        (t.kernel, tuple(sorted(t.constexprs.items())), next(iter(t.signature.values())))
+        for t in module.compile_targets()
+    }
     kernels = (module._dwconv_gelu_forward_kernel, module._gelu_input_grad_kernel, module._dwconv_transpose_kernel)
     for width in module.HIDDEN_WIDTHS:
         config = module.stencil_config(width)
-        blocks = tuple(sorted((k, v) for k, v in config.items() if k.startswith("BLOCK_")))
+        constexprs = {"BLOCK_T": config["BLOCK_T"], "BLOCK_C": config["BLOCK_C"], "ALIGN": module.alignment(width)}
         for kernel in kernels:
-            assert (kernel, blocks) in compiled, f"{kernel.__name__} at C={width} ({config}) has no compile target"
-    assert {t.signature["x_ptr" if "x_ptr" in t.signature else "dpre_ptr"] for t in targets} == {"*fp32", "*fp16", "*bf16"}
+            for dtype in ("*fp32", "*fp16", "*bf16"):
+                key = (kernel, tuple(sorted(constexprs.items())), dtype)
+                assert key in compiled, f"{kernel.__name__} at C={width} {dtype} ({constexprs}) has no compile target"

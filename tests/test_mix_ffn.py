@@ -20,7 +20,7 @@ NAMES = ("dx", "d fc1_weight", "d fc1_bias", "d dw_weight", "d dw_bias", "d fc2_
 # tiles; C_out = 300 needs two output tiles of the fc2 GEMM and of its weight gradient.
 CASES = [
     (ODD_GRIDS[0], 8, 32, 8, 3),
-    (ODD_GRIDS[1], 8, 32, 300, 1),
+    (ODD_GRIDS[1], 8, 48, 300, 1),  # 48: a partial 32-wide K block in the fc2 GEMM
     (ODD_GRIDS[2], 32, 128, 32, 3),  # B0 stage 1 widths
     (ODD_GRIDS[3], 40, 160, 40, 1),  # B0 stage 3 (C = 160, 4C = 640) scaled by 1/4
 ]
@@ -70,6 +70,15 @@ def test_output_and_every_gradient_match_fp64(hw, channels, hidden, out_channels
 @pytest.mark.parametrize("channels", module.OUTPUT_WIDTHS)
 def test_every_model_width(channels, dtype, device, poisoned_allocations):
     _check_against_fp64((13, 29), channels, 4 * channels, channels, 2, dtype, device)
+
+
+def test_split_reductions_over_tokens(monkeypatch, device, poisoned_allocations):
+    """Small shapes make one program per reduction; force several, with uneven last
+    ones: fc2's weight gradient over 3 token splits (the last one shorter), and the
+    conv's weight gradient with programs that walk 2 token tiles each."""
+    monkeypatch.setattr(module, "MIN_SPLIT_TOKENS", 100)
+    monkeypatch.setattr(importlib.import_module("segformer_kernels.dwconv_gelu"), "MAX_TOKEN_PROGRAMS", 4)
+    _check_against_fp64(ODD_GRIDS[3], 8, 32, 8, 1, torch.float32, device)
 
 
 def test_public_op_runs_the_triton_kernel(device):
@@ -131,7 +140,7 @@ def test_saved_bytes_of_a_b0_stage1_block_against_eager():
 
 
 def test_weight_gradients_are_deterministic(device):
-    hw = (13, 29)
+    hw = (7, 5)
     inputs = _inputs(3, hw, 8, 32, 16, torch.float32, device)
     upstream = torch.randn(3, hw[0] * hw[1], 16, device=device)
     first, second = (torch.autograd.grad(mix_ffn(inputs[0], hw, *inputs[1:]), inputs, upstream) for _ in range(2))
@@ -158,16 +167,21 @@ def test_unknown_input_precision_is_refused():
 
 
 def test_compile_targets_cover_the_launcher_configs():
-    compiled = {(t.kernel, tuple(sorted(t.constexprs.items()))) for t in module.compile_targets()}
+    """Every (kernel, constexprs, dtype) a launch at the model's widths compiles is a compile target."""
+    compiled = {
+        (t.kernel, tuple(sorted(t.constexprs.items())), t.signature["h_ptr"]) for t in module.compile_targets()
+    }
     launched = [
         (module._fc2_forward_kernel, module.forward_config),
         (module._fc2_weight_grad_kernel, module.weight_grad_config),
         (module._fc2_input_grad_kernel, module.input_grad_config),
     ]
+    variants = [("*fp32", "tf32"), ("*fp32", "ieee"), ("*fp16", "tf32"), ("*bf16", "tf32")]
     for out_channels in module.OUTPUT_WIDTHS:
         align = module.alignment(out_channels, *module.HIDDEN_WIDTHS)
         for kernel, config_of in launched:
             blocks = {k: v for k, v in config_of(out_channels).items() if k.startswith("BLOCK_")}
-            for precision in module.INPUT_PRECISIONS:
-                key = (kernel, tuple(sorted({**blocks, "ALIGN": align, "INPUT_PRECISION": precision}.items())))
-                assert key in compiled, f"{kernel.__name__} at C_out={out_channels} ({precision}) has no compile target"
+            for dtype, precision in variants:
+                constexprs = {**blocks, "ALIGN": align, "INPUT_PRECISION": precision}
+                key = (kernel, tuple(sorted(constexprs.items())), dtype)
+                assert key in compiled, f"{kernel.__name__} at C_out={out_channels} {dtype} {precision}: no target"

@@ -34,6 +34,17 @@ def test_bad_images_are_refused_with_what_was_expected(model, images, error, mes
         model(images)
 
 
+def test_images_must_match_the_model_dtype_outside_autocast():
+    model = SegFormer.from_config("b0", num_classes=2, kernels="torch").eval()
+    images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with pytest.raises(TypeError, match="images are torch.float64 but the model's weights are torch.float32"):
+        model(images)
+    with torch.no_grad():
+        assert model.double()(images).dtype == torch.float64
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.float()(images.float()).dtype == torch.bfloat16
+
+
 def test_the_minimum_size_works_and_logits_are_at_stage_one_size(model):
     with torch.no_grad():
         assert model(torch.randn(1, 3, 29, 29)).shape == (1, 4, 8, 8)

@@ -20,17 +20,27 @@ import segformer.model as segformer_model
 from helpers import assert_close
 from segformer import SegFormer, SegFormerConfig
 from segformer_kernels._backend import triton_implementation, triton_runs_on
+from test_model_parity import assert_same_gradients
 
-# A B0 at a small odd size keeps interpreter runs short (stage grids 16x9, 8x5, 4x3, 2x2:
-# every stage has M >= 2 keys); depth grows the error, hence 10x the fp32 op tolerance.
+# A small odd image keeps interpreter runs short (stage grids 16x9, 8x5, 4x3, 2x2: every
+# stage has M >= 2 keys); depth grows the error, hence 10x the fp32 op tolerance.
 IMAGE_SIZE = (61, 35)
 DEPTH_SCALE = 10
+# On a GPU the kernels' fp32 dots use tf32 (about 5e-4 relative per op, DESIGN.md
+# section 7), and the public ops offer no way to pin "ieee" from the model.
+TF32_SCALE = 50
 
 
-def b0(kernels: str, config: SegFormerConfig | None = None) -> SegFormer:
-    return SegFormer.from_config(
-        config or "b0", num_classes=5, kernels=kernels, drop_path_rate=0.0, classifier_dropout=0.0
-    )
+def model_tolerance(device) -> float:
+    """How many fp32 tolerances (1e-5) the whole model may differ by."""
+    return DEPTH_SCALE * (TF32_SCALE if device.type == "cuda" else 1)
+
+
+def b0_config(device) -> SegFormerConfig:
+    """B0 (its widths, heads and reductions); under the interpreter, whose cost is per
+    kernel launch, one block per stage instead of two. No dropout, no drop path."""
+    depths = (2, 2, 2, 2) if device.type == "cuda" else (1, 1, 1, 1)
+    return SegFormerConfig.preset("b0", depths=depths, num_labels=5, drop_path_rate=0.0, classifier_dropout_prob=0.0)
 
 
 def run_step(model: SegFormer, images: torch.Tensor, labels: torch.Tensor):
@@ -40,7 +50,7 @@ def run_step(model: SegFormer, images: torch.Tensor, labels: torch.Tensor):
     return logits, loss
 
 
-def batch(size: int = 2, device="cpu"):
+def batch(device, size: int = 2):
     images = torch.randn(size, 3, *IMAGE_SIZE, device=device)
     labels = torch.randint(0, 5, (size, *IMAGE_SIZE), device=device)
     labels[:, :5] = 255
@@ -52,91 +62,59 @@ def ops_on_triton(device) -> list[str]:
     return [op for op in ops if triton_runs_on(device) and triton_implementation(op) is not None]
 
 
-def vanishes(name: str, training: bool, stages: int) -> bool:
-    """Gradients that are zero in exact arithmetic, rounding noise on both sides: a key
-    bias shifts a whole row of scores (softmax ignores it); in training, BatchNorm subtracts
-    per-channel constants, which is all the decoder projections' biases and the last stage
-    norm's bias contribute."""
-    if name.endswith("attn.k.bias"):
-        return True
-    constant = (name.startswith("decode_head.linear_c.") and name.endswith("bias")) or name == f"encoder.stages.{stages - 1}.norm.bias"
-    return training and constant
-
-
-def assert_same_gradients(model: SegFormer, expected: dict[str, torch.Tensor], training: bool):
-    scale = torch.cat([g.flatten() for g in expected.values()]).norm()
-    for name, parameter in model.named_parameters():
-        if vanishes(name, training, model.config.num_stages):
-            assert parameter.grad.norm() <= 1e-6 * scale and expected[name].norm() <= 1e-6 * scale, name
-        else:
-            assert_close(parameter.grad, expected[name], torch.float32, f"grad of {name}", scale=DEPTH_SCALE)
-
-
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
-def test_kernels_match_the_reference_model(device, training):
+def test_kernels_match_the_reference_model(device, training, poisoned_allocations):
+    """Same weights, same batch: "auto" (kernels) and "torch" (reference) give the same
+    logits, loss, input gradient, every parameter gradient and BatchNorm statistics. In
+    training, a second identical step gives bit-identical gradients and parameters.
+    Allocations start as NaN, so an element a kernel forgot to write shows up."""
     print(f"ops on Triton: {ops_on_triton(device) or 'none'}")
-    reference = b0("torch").to(device).train(training)
+    reference = SegFormer(b0_config(device), kernels="torch").to(device).train(training)
     fused = copy.deepcopy(reference)
     fused.kernels = "auto"
-    images, labels = batch(device=device)
+    start = copy.deepcopy(fused) if training else None
+    images, labels = batch(device)
     images_fused = images.clone().requires_grad_()
     images.requires_grad_()
     expected_logits, expected_loss = run_step(reference, images, labels)
     logits, loss = run_step(fused, images_fused, labels)
-    assert_close(logits, expected_logits, torch.float32, "logits", scale=DEPTH_SCALE)
-    assert_close(loss, expected_loss, torch.float32, "loss", scale=DEPTH_SCALE)
-    assert_close(images_fused.grad, images.grad, torch.float32, "grad of images", scale=DEPTH_SCALE)
-    expected_grads = {name: p.grad for name, p in reference.named_parameters()}
-    assert_same_gradients(fused, expected_grads, training)
-    if training:
-        for stat in ("running_mean", "running_var"):
-            assert_close(getattr(fused.decode_head.batch_norm, stat), getattr(reference.decode_head.batch_norm, stat),
-                         torch.float32, stat)
+    tolerance = model_tolerance(device)
+    assert_close(logits, expected_logits, torch.float32, "logits", scale=tolerance)
+    assert_close(loss, expected_loss, torch.float32, "loss", scale=tolerance)
+    assert_close(images_fused.grad, images.grad, torch.float32, "grad of images", scale=tolerance)
+    assert_same_gradients(fused, {name: p.grad for name, p in reference.named_parameters()}, training, tolerance)
+    if not training:
+        return
+    for stat in ("running_mean", "running_var"):
+        assert_close(getattr(fused.decode_head.batch_norm, stat), getattr(reference.decode_head.batch_norm, stat),
+                     torch.float32, stat, scale=tolerance)
+    # determinism: the same step again from the same state
+    run_step(start, images_fused.detach(), labels)
+    for model in (fused, start):
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+    for (name, value), again in zip(fused.state_dict().items(), start.state_dict().values()):
+        assert torch.equal(value, again), f"{name} differs after two identical training steps"
 
 
-def test_training_steps_are_deterministic(device):
-    """Two runs of two optimiser steps from the same state give bit-identical parameters
-    (the kernels reduce weight gradients deterministically)."""
-    start = b0("auto").to(device)
-    batches = [batch(device=device) for _ in range(2)]
-    finals = []
-    for _ in range(2):
-        model = copy.deepcopy(start).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        for images, labels in batches:
-            optimizer.zero_grad()
-            run_step(model, images, labels)
-            optimizer.step()
-        finals.append(model.state_dict())
-    for name, value in finals[0].items():
-        assert torch.equal(value, finals[1][name]), f"{name} differs between two identical runs"
-    assert not torch.equal(finals[0]["decode_head.classifier.weight"], start.state_dict()["decode_head.classifier.weight"])
-
-
-def test_compile_traces_without_graph_break():
+def test_compile_traces_without_graph_break(device):
     """fullgraph=True fails on any graph break; the kernels are opaque custom ops with fake
-    and autograd registrations. A one-block-per-stage B0 keeps the trace short."""
-    config = SegFormerConfig.preset("b0", depths=(1, 1, 1, 1), num_labels=5, drop_path_rate=0.0, classifier_dropout_prob=0.0)
-    model = SegFormer(config, kernels="auto").train()
-    images, labels = batch()
+    and autograd registrations. With parameters that need gradients, AOTAutograd traces the
+    joint forward and backward graph when it compiles, so the first call proves both."""
+    model = SegFormer(b0_config(device), kernels="auto").to(device).train()
+    images, labels = batch(device)
 
     def step(images, labels):
         return model.loss(model(images), labels)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(images, labels)
-    loss.backward()
-    compiled_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    model.zero_grad()
-    expected = step(images, labels)
-    expected.backward()
-    assert_close(loss, expected, torch.float32, "compiled loss")
-    assert_same_gradients(model, compiled_grads, training=True)
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(images, labels)
+    assert loss.grad_fn is not None
+    model.kernels = "torch"
+    assert_close(loss, step(images, labels), torch.float32, "compiled loss", scale=model_tolerance(device))
 
 
 @pytest.mark.gpu
 def test_cuda_graph_capture_of_inference_matches_eager():
-    model = b0("auto").cuda().eval()
+    model = SegFormer(b0_config(torch.device("cuda")), kernels="auto").cuda().eval()
     static_images = torch.randn(2, 3, 64, 64, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -154,7 +132,7 @@ def test_cuda_graph_capture_of_inference_matches_eager():
         with torch.no_grad():
             expected = model(images)
         torch.cuda.synchronize()
-        assert torch.equal(static_logits, expected), "a replayed graph must compute what eager computes"
+        assert_close(static_logits, expected, torch.float32, "replayed logits")
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -196,11 +174,12 @@ def test_no_layout_copies_between_ops(monkeypatch):
             return call
 
     monkeypatch.setattr(segformer_model, "sk", RecordingOps())
-    model = b0("torch").eval()
+    model = SegFormer(b0_config(torch.device("cpu")), kernels="torch").eval()
     images = torch.randn(2, 3, *IMAGE_SIZE)
     with recorder, torch.no_grad():
         model(images)
     assert handed and all(contiguous for _, _, contiguous in handed), [h for h in handed if not h[2]]
-    copies = {op: n for op, n in recorder.counts.items() if op in ("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")}
+    copy_ops = ("aten.clone", "aten.copy_", "aten._to_copy", "aten.contiguous")
+    copies = {op: n for op, n in recorder.counts.items() if op in copy_ops}
     # the one allowed copy: the 3-channel input image to channels-last
     assert copies == {"aten.clone": 1}, copies
