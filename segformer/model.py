@@ -151,11 +151,24 @@ class DecodeHead(nn.Module):
                 bias = stage_bias if bias is None else bias + stage_bias
         return weights, bias
 
-    def forward(self, features: list[Tensor], grids: list[tuple[int, int]]) -> Tensor:
+    def forward(self, features: list[Tensor], grids: list[tuple[int, int]], kernels: str = "auto") -> Tensor:
         """features[i]: stage i's tokens [B, N_i, C_i] on grid grids[i] -> logits at grids[0]."""
         weights, bias = self.folded_projections()
         maps = [F.linear(tokens, weight) for tokens, weight in zip(features, weights)]
+        if not self.training and not torch.is_grad_enabled():
+            return self.fused_inference_tail(maps, grids, bias, kernels)
         return self.fuse_and_classify(maps, grids, bias)
+
+    def fused_inference_tail(self, maps: list[Tensor], grids: list[tuple[int, int]], bias: Tensor, kernels: str) -> Tensor:
+        """fuse_and_classify for inference, as one op (``sk.decode_head``): BatchNorm with
+        its running statistics is a per-channel scale and shift, into which the folded
+        bias goes too, and dropout is the identity."""
+        norm = self.batch_norm
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        shift = norm.bias + scale * (bias - norm.running_mean)
+        return sk.decode_head(
+            maps, grids, grids[0], scale, shift, self.classifier.weight.flatten(1), self.classifier.bias, kernels=kernels
+        )
 
     def fuse_and_classify(self, maps: list[Tensor], grids: list[tuple[int, int]], bias: Tensor) -> Tensor:
         """The part after the fold: upsample every stage's [B, N_i, D] map to stage-1 size
@@ -273,7 +286,9 @@ class SegFormer(nn.Module):
     def reset_parameters(self) -> None:
         """NVlabs' initialisation: normal(0, 0.02) for Linear (NVlabs truncates at +-2,
         100 standard deviations out, which never happens), He normal over fan-out for
-        Conv2d, zero biases, unit norms."""
+        Conv2d, zero biases, unit norms; and normal(0, 0.01) for the classifier, as
+        mmseg initialises its segmentation conv: He init there would give a fresh head
+        logits of std ~8 and a first loss far above ln(num_classes)."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 module.weight.normal_(0.0, 0.02)
@@ -287,6 +302,7 @@ class SegFormer(nn.Module):
                 continue
             if module.bias is not None:
                 module.bias.zero_()
+        self.decode_head.classifier.weight.normal_(0.0, 0.01)
 
     # ---- forward -----------------------------------------------------------------------
 
@@ -295,7 +311,7 @@ class SegFormer(nn.Module):
         (the stage-1 grid)."""
         self._check_images(images)
         features, grids = self.encode(images)
-        return self.decode_head(features, grids)
+        return self.decode_head(features, grids, self.kernels)
 
     def encode(self, images: Tensor) -> tuple[list[Tensor], list[tuple[int, int]]]:
         """Every stage's normalised output tokens [B, N_i, C_i] and its (h_i, w_i) grid."""

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 # op name -> (module, function) of its Triton implementation. A module that does
 # not exist yet means the op has no kernel yet; every other import error is real
@@ -102,7 +103,8 @@ def autocast_inputs(device: torch.device, *tensors: torch.Tensor | None):
     does for the matmuls and convolutions these ops are made of. Outside
     autocast, return them unchanged."""
     device_type = device.type
-    if not torch.is_autocast_enabled(device_type):
+    # meta and other devices without an autocast state: nothing to cast (asking raises)
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

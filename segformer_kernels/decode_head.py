@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_utils import INPUT_PRECISIONS, resolve_input_precision
 from .compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
@@ -165,7 +166,6 @@ _BLOCK_P = 64
 _BLOCK_D = 16
 # No software pipelining: it would stage every gathered tile in shared memory.
 _NUM_STAGES = 1
-INPUT_PRECISIONS = ("tf32", "ieee")
 _INT32_LIMIT = 2**31
 
 
@@ -234,16 +234,10 @@ def decode_head(
     """The Triton implementation of ``reference.decode_head`` (same arguments, assumed
     checked by ``segformer_kernels.decode_head``); no-grad inference only.
 
-    ``input_precision`` sets how fp32 inputs meet the tensor cores in the classifier
-    dot: "tf32" (the default, as cuDNN does for convolutions) or "ieee" (exact fp32);
-    it does not apply to fp16/bf16.
+    ``input_precision``: how fp32 inputs meet the tensor cores in the classifier dot
+    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
     """
-    if input_precision is None:
-        input_precision = "tf32"
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    if maps[0].dtype != torch.float32:
-        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    input_precision = resolve_input_precision(maps[0].dtype, input_precision)
     tensors = (*maps, scale, shift, cls_weight, cls_bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         raise RuntimeError(
@@ -278,26 +272,27 @@ def _signature(dtype: torch.dtype) -> dict[str, str]:
 
 def compile_targets() -> list[CompileTarget]:
     """Every (config, dtype) the launcher launches for the model's decoders: the
-    stage-1 map at the output size, fp32 with tf32 products (the default; "ieee"
-    is a test setting)."""
+    stage-1 map at the output size; fp32 dots in both precisions (resolve_input_precision
+    picks "ieee" under torch's default float32 matmul precision)."""
     targets = []
     for channels in _MODEL_CHANNELS:
         for classes in _MODEL_CLASSES:
             for dtype, ty in _TRITON_DTYPES.items():
-                block_p, block_d, block_k, num_warps = _block_config(classes)
-                constexprs = {
-                    "CHANNELS": channels, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
-                    "BLOCK_D": block_d, "BLOCK_K": block_k, "INPUT_PRECISION": "tf32",
-                }
-                targets.append(
-                    CompileTarget(
-                        name="decode_head",
-                        kernel=_decode_head_kernel,
-                        signature=_signature(dtype),
-                        constexprs=constexprs,
-                        num_warps=num_warps,
-                        num_stages=_NUM_STAGES,
-                        config=f"D={channels} K={classes} {ty}",
+                for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
+                    block_p, block_d, block_k, num_warps = _block_config(classes)
+                    constexprs = {
+                        "CHANNELS": channels, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
+                        "BLOCK_D": block_d, "BLOCK_K": block_k, "INPUT_PRECISION": precision,
+                    }
+                    targets.append(
+                        CompileTarget(
+                            name="decode_head",
+                            kernel=_decode_head_kernel,
+                            signature=_signature(dtype),
+                            constexprs=constexprs,
+                            num_warps=num_warps,
+                            num_stages=_NUM_STAGES,
+                            config=f"D={channels} K={classes} {ty}" + (" ieee" if precision == "ieee" else ""),
+                        )
                     )
-                )
     return targets

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_utils import alignment, multiple_of
 from .compile_check import CompileTarget
 
 # Taps of the 3x3 stencil; the partial-sum buffer has one more row, for the bias gradient.
@@ -47,22 +48,6 @@ def gelu_grad(z):
     """d GELU / dz = Phi(z) + z * phi(z)."""
     cdf = 0.5 * (1.0 + tl.erf(z * _SQRT_HALF))
     return cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-
-
-@triton.jit
-def multiple_of(value, ALIGN: tl.constexpr):
-    """``value``, which the launcher checked is a multiple of ALIGN, written so that the
-    compiler knows it too: rows of ALIGN-aligned channels load as wide vectors."""
-    return value // ALIGN * ALIGN
-
-
-def alignment(*values: int) -> int:
-    """ALIGN for the kernels: the largest power of two up to 16 (the divisibility Triton
-    itself specialises integer arguments on) that divides every value."""
-    align = 16
-    while any(value % align for value in values):
-        align //= 2
-    return align
 
 
 @triton.jit

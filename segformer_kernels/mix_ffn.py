@@ -31,16 +31,13 @@ from .compile_check import CompileTarget
 from .dwconv_gelu import (
     HIDDEN_WIDTHS,
     TRITON_DTYPES,
-    alignment,
     dwconv3x3_tile,
     dwconv_transpose,
     gelu,
     gelu_grad,
-    multiple_of,
     token_grid_position,
 )
-
-INPUT_PRECISIONS = ("tf32", "ieee")
+from ._triton_utils import alignment, multiple_of, resolve_input_precision
 
 # Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
 # dwconv_gelu.HIDDEN_WIDTHS).
@@ -326,16 +323,10 @@ def mix_ffn(
     """fc2(GELU(dwconv3x3(fc1(x)))) for x [B, H*W, C] -> [B, H*W, C_out] (inputs assumed
     checked, as ``segformer_kernels.mix_ffn`` checks them).
 
-    ``input_precision`` sets how fp32 operands meet the tensor cores in the Triton GEMMs:
-    "tf32" (the default, fast, ~5e-4 relative error) or "ieee" (exact fp32); it does not
-    apply to fp16/bf16.
+    ``input_precision``: how fp32 operands meet the tensor cores in the Triton GEMMs
+    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
     """
-    if input_precision is None:
-        input_precision = "tf32"
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    if x.dtype != torch.float32:
-        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    input_precision = resolve_input_precision(x.dtype, input_precision)
     y, _ = _mix_ffn_op(x, hw[0], hw[1], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
                        input_precision)
     return y

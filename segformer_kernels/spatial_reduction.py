@@ -40,12 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
 from .compile_check import CompileTarget
-
-# How fp32 inputs meet the tensor cores on the GPU: "tf32" (the default: fast,
-# ~5e-4 relative error) or "ieee" (exact fp32, which the tests pin to compare with
-# an fp64 reference at 1e-5). fp16/bf16 dots do not use it.
-INPUT_PRECISIONS = ("tf32", "ieee")
 
 # Split the weight-gradient reduction over rows until about this many programs
 # run (a few per SM on current GPUs), but keep every split at least
@@ -67,13 +63,6 @@ VARIANT_CHANNELS = {32: 8, 64: 8, 128: 4, 160: 2, 320: 2}
 
 
 # ---------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _multiple_of(value, ALIGN: tl.constexpr):
-    """``value`` (a multiple of ALIGN, which the launcher checked), written so that
-    the compiler knows it: offsets built from it keep C-wide tiles vector loads."""
-    return value // ALIGN * ALIGN
 
 
 @triton.jit
@@ -108,10 +97,10 @@ def _forward_kernel(
     """BLOCK_M reduced rows: gather patches, GEMM with the [C_out, sr, sr, C] weight
     (fp32 accumulation), + bias, LayerNorm. Writes y, the pre-LN rows z (fp32) and
     the per-row mean and rstd for the backward."""
-    channels = _multiple_of(channels, ALIGN)
-    out_channels = _multiple_of(out_channels, ALIGN)
-    stride_xb = _multiple_of(stride_xb, ALIGN)
-    stride_xn = _multiple_of(stride_xn, ALIGN)
+    channels = multiple_of(channels, ALIGN)
+    out_channels = multiple_of(out_channels, ALIGN)
+    stride_xb = multiple_of(stride_xb, ALIGN)
+    stride_xn = multiple_of(stride_xn, ALIGN)
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = row < rows
     origin = _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn)
@@ -162,7 +151,7 @@ def _layer_norm_backward_kernel(
     dz = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * ln_w,
     and this program's sums over its rows of dy * xhat, dy and dz, stored as
     partials [3, programs, C_out] (d ln_weight, d ln_bias, d bias)."""
-    out_channels = _multiple_of(out_channels, ALIGN)
+    out_channels = multiple_of(out_channels, ALIGN)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < out_channels
     ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -207,8 +196,8 @@ def _input_grad_kernel(
     """dx at patch cell (ky, kx), BLOCK_C channels, for BLOCK_M patches of the
     covering ceil(H/sr) x ceil(W/sr) grid: dz @ W[:, ky, kx, channels], stored at
     the cell's token of each patch (zeros for patches the conv drops)."""
-    channels = _multiple_of(channels, ALIGN)
-    out_channels = _multiple_of(out_channels, ALIGN)
+    channels = multiple_of(channels, ALIGN)
+    out_channels = multiple_of(out_channels, ALIGN)
     patch = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     patch_ok = patch < covering_patches
     covering_per_image = covering_height * covering_width
@@ -254,10 +243,10 @@ def _weight_grad_kernel(
 ):
     """One [BLOCK_CO, BLOCK_C] tile of dW (in the [C_out, sr, sr, C] layout) summed
     over one split of the rows: dz^T @ patches, written to that split's fp32 partial."""
-    channels = _multiple_of(channels, ALIGN)
-    out_channels = _multiple_of(out_channels, ALIGN)
-    stride_xb = _multiple_of(stride_xb, ALIGN)
-    stride_xn = _multiple_of(stride_xn, ALIGN)
+    channels = multiple_of(channels, ALIGN)
+    out_channels = multiple_of(out_channels, ALIGN)
+    stride_xb = multiple_of(stride_xb, ALIGN)
+    stride_xn = multiple_of(stride_xn, ALIGN)
     co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < out_channels
     channel_blocks = tl.cdiv(channels, BLOCK_C)
@@ -365,15 +354,6 @@ def _blocks(config: dict) -> dict:
 # ---------------------------------------------------------------- launchers
 
 
-def _alignment(*values: int) -> int:
-    """ALIGN for the kernels: the largest power of two up to 16 (the divisibility
-    Triton itself specialises integer arguments on) that divides every value."""
-    align = 16
-    while any(value % align for value in values):
-        align //= 2
-    return align
-
-
 def _channels_contiguous(x: Tensor) -> Tensor:
     """The kernels read runs of C contiguous channels; any other token layout
     (e.g. a transposed NCHW view) is copied by each launcher. Slices of wider
@@ -411,7 +391,7 @@ def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_we
         y, z, mean, rstd,
         rows, patches, reduced_width, width, channels, out_channels, sr, eps,
         x.stride(0), x.stride(1),
-        **_blocks(config), ALIGN=_alignment(channels, out_channels, x.stride(0), x.stride(1)),
+        **_blocks(config), ALIGN=alignment(channels, out_channels, x.stride(0), x.stride(1)),
         INPUT_PRECISION=input_precision, **_launch_options(config),
     )
     return y, z, mean, rstd
@@ -438,7 +418,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
     _layer_norm_backward_kernel[(programs,)](
         dy, z, mean, rstd, ln_weight.contiguous(), dz, param_partials,
         rows, out_channels, blocks_per_program,
-        **_blocks(config), ALIGN=_alignment(out_channels), **_launch_options(config),
+        **_blocks(config), ALIGN=alignment(out_channels), **_launch_options(config),
     )
 
     config = _input_grad_config(out_channels, channels)
@@ -450,7 +430,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
         dz, _weight_by_cell(weight), dx,
         covering_patches, height, width, channels, out_channels, sr,
         reduced_height, reduced_width, covering_height, covering_width,
-        **_blocks(config), ALIGN=_alignment(channels, out_channels),
+        **_blocks(config), ALIGN=alignment(channels, out_channels),
         INPUT_PRECISION=input_precision, **_launch_options(config),
     )
 
@@ -463,7 +443,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
         x, dz, weight_partials,
         rows, rows_per_split, reduced_height * reduced_width, reduced_width, width, channels, out_channels, sr,
         x.stride(0), x.stride(1),
-        **_blocks(config), ALIGN=_alignment(channels, out_channels, x.stride(0), x.stride(1)),
+        **_blocks(config), ALIGN=alignment(channels, out_channels, x.stride(0), x.stride(1)),
         INPUT_PRECISION=input_precision, **_launch_options(config),
     )
 
@@ -547,17 +527,14 @@ _spatial_reduction_op.register_autograd(_backward_formula, setup_context=_setup_
 
 def spatial_reduction(
     x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
-    *, input_precision: str = "tf32",
+    *, input_precision: str | None = None,
 ) -> Tensor:
     """The Triton spatial reduction: x [B, H*W, C] (any strides) -> [B, (H//sr)*(W//sr), C_out].
 
     Arguments as segformer_kernels.reference.spatial_reduction, assumed checked
     (``segformer_kernels.spatial_reduction`` checks them). ``input_precision``: see
-    INPUT_PRECISIONS; it only affects fp32 inputs on a GPU."""
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    if x.dtype != torch.float32:
-        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    _triton_utils.resolve_input_precision; it only affects fp32 inputs on a GPU."""
+    input_precision = resolve_input_precision(x.dtype, input_precision)
     return _spatial_reduction_op(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision)[0]
 
 
@@ -585,8 +562,8 @@ def _signature(kernel, element_type: str) -> dict[str, str]:
 def compile_targets() -> list[CompileTarget]:
     """Every (kernel, config, dtype) the launchers pick for the variants' SR stages
     (C_out = C). sr is a runtime argument: it changes loop trip counts, not the
-    compiled code. ALIGN is 16, as for every C the variants use; fp32 dots use the
-    default tf32 (the "ieee" the tests pin is a test-only variant)."""
+    compiled code. ALIGN is 16, as for every C the variants use; fp32 dots come in
+    both precisions (resolve_input_precision picks "ieee" under torch's default)."""
     targets = {}
     for dtype, element_type in _TRITON_TYPES.items():
         for channels, sr in VARIANT_CHANNELS.items():
@@ -598,18 +575,20 @@ def compile_targets() -> list[CompileTarget]:
                 ("spatial_reduction_weight_grad", _weight_grad_kernel, _weight_grad_config(channels, channels)),
             ):
                 described = " ".join(f"{key}={value}" for key, value in config.items())
-                key = (name, element_type, described)
-                if key in targets:  # another C with the same blocks compiles the same code
-                    continue
-                constexprs = {**_blocks(config), "ALIGN": 16}
-                if "INPUT_PRECISION" in kernel.arg_names:
-                    constexprs["INPUT_PRECISION"] = "tf32"
-                targets[key] = CompileTarget(
-                    name=name,
-                    kernel=kernel,
-                    signature=_signature(kernel, element_type),
-                    constexprs=constexprs,
-                    **_launch_options(config),
-                    config=f"C={channels} (sr={sr}) {element_type} {described}",
-                )
+                has_dot = "INPUT_PRECISION" in kernel.arg_names
+                for precision in (INPUT_PRECISIONS if has_dot and dtype == torch.float32 else ("tf32",)):
+                    key = (name, element_type, described, precision)
+                    if key in targets:  # another C with the same blocks compiles the same code
+                        continue
+                    constexprs = {**_blocks(config), "ALIGN": 16}
+                    if has_dot:
+                        constexprs["INPUT_PRECISION"] = precision
+                    targets[key] = CompileTarget(
+                        name=name,
+                        kernel=kernel,
+                        signature=_signature(kernel, element_type),
+                        constexprs=constexprs,
+                        **_launch_options(config),
+                        config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if precision == "ieee" else ""),
+                    )
     return list(targets.values())

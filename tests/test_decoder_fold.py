@@ -96,6 +96,21 @@ def test_fold_equals_unfolded_decoder(dtype, training, batch, height, width):
         assert rel_err(getattr(folded.batch_norm, stat), getattr(unfolded.batch_norm, stat)) <= tolerance, stat
 
 
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
+@pytest.mark.parametrize("batch,height,width", [(1, 83, 117), (3, 37, 29)])
+def test_inference_tail_equals_unfolded_decoder(kernels, batch, height, width):
+    """In eval mode without autograd the decoder's tail after the fold is one op,
+    sk.decode_head (the Triton kernel under "auto" where Triton runs), with BatchNorm
+    and the folded bias turned into a per-channel scale and shift."""
+    config = SegFormerConfig.preset("b0", num_labels=7)
+    head = random_head(config, torch.float32).eval()
+    features, grids = stage_features(config, batch, height, width, torch.float32)
+    expected = unfolded_decoder(head, features, grids)
+    with torch.no_grad():
+        out = head(features, grids, kernels)
+    assert_close(out, expected, torch.float32, "inference logits", scale=10)
+
+
 def test_fold_keeps_the_checkpoint_parameters():
     """The fold composes weights on the fly: the parameters stay HF's, nothing is cached."""
     head = DecodeHead(SegFormerConfig.preset("b0", num_labels=4))

@@ -187,8 +187,10 @@ def test_compile_targets_cover_the_launcher_configs():
                 (module._input_grad_kernel, module._input_grad_config(channels, channels)),
                 (module._weight_grad_kernel, module._weight_grad_config(channels, channels)),
             ):
-                constexprs = {**module._blocks(config), "ALIGN": module._alignment(channels)}
-                if "INPUT_PRECISION" in kernel.arg_names:
-                    constexprs["INPUT_PRECISION"] = "tf32"
-                key = (kernel, triton_type, tuple(sorted(constexprs.items())))
-                assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} ({config}) has no compile target"
+                has_dot = "INPUT_PRECISION" in kernel.arg_names
+                for precision in ("tf32", "ieee") if has_dot and dtype == torch.float32 else ("tf32",):
+                    constexprs = {**module._blocks(config), "ALIGN": module.alignment(channels)}
+                    if has_dot:
+                        constexprs["INPUT_PRECISION"] = precision
+                    key = (kernel, triton_type, tuple(sorted(constexprs.items())))
+                    assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} {precision} has no compile target"
