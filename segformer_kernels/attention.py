@@ -28,6 +28,7 @@ recomputation costs in tensor-core time.
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -36,14 +37,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import INTERPRET
+from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
 from .compile_check import CompileTarget
 
 LOG2E = 1.4426950408889634
 # Globals a kernel reads must be constexpr.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
-
-INPUT_PRECISIONS = ("tf32", "ieee")
 
 
 # --------------------------------------------------------------------------- kernels
@@ -53,6 +53,19 @@ INPUT_PRECISIONS = ("tf32", "ieee")
 def _head_base(ptr, batch, head, stride_batch, stride_head):
     """Pointer to element [batch, 0, head, 0]; int64 so huge batches cannot overflow."""
     return ptr + batch.to(tl.int64) * stride_batch + head.to(tl.int64) * stride_head
+
+
+@triton.jit
+def _layout(stride_batch, stride_token, stride_head, stride_dim, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
+    """One [B, tokens, heads, d] tensor's strides as the compiler should see them: the
+    launcher checked that the first three are multiples of ALIGN and, with CONTIGUOUS_D,
+    that the head-dim stride is 1, so rows load as wide vectors (also in the compile
+    check, which does not specialise integer arguments the way a launch does)."""
+    if CONTIGUOUS_D:
+        stride_dim = 1
+    return (
+        multiple_of(stride_batch, ALIGN), multiple_of(stride_token, ALIGN), multiple_of(stride_head, ALIGN), stride_dim
+    )
 
 
 @triton.jit
@@ -106,10 +119,22 @@ def _attention_forward_kernel(
     N, M, heads, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
     """One program per (query block, batch*head). qk_scale = scale * log2(e): scores
     live in log2 units so the online softmax uses exp2."""
+    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
+    )
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    stride_ob, stride_on, stride_oh, stride_od = _layout(
+        stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
+    )
     pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
     batch = pid_bh // heads
     head = pid_bh % heads
@@ -159,10 +184,28 @@ def _attention_backward_dq_kernel(
     N, M, heads, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
     """One program per (query block, batch*head): delta = rowsum(dO * O), then
     dQ = scale * sum_j dS_j K_j with dS = P * (dO V^T - delta)."""
+    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
+    )
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    stride_ob, stride_on, stride_oh, stride_od = _layout(
+        stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
+    )
+    stride_dob, stride_don, stride_doh, stride_dod = _layout(
+        stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
+    )
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd = _layout(
+        stride_dqb, stride_dqn, stride_dqh, stride_dqd, ALIGN, CONTIGUOUS_D
+    )
     pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
     batch = pid_bh // heads
     head = pid_bh % heads
@@ -171,7 +214,8 @@ def _attention_backward_dq_kernel(
     key_range = tl.arange(0, BLOCK_M)
 
     q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
-    do = _load_tile(_head_base(DO, batch, head, stride_dob, stride_doh), rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+    do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
+    do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
     o = _load_tile(_head_base(O, batch, head, stride_ob, stride_oh), rows, N, stride_on, dims, HEAD_DIM, stride_od)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_stats = pid_bh.to(tl.int64) * N + rows
@@ -207,12 +251,28 @@ def _attention_backward_dkdv_kernel(
     N, M, heads, rows_per_split, scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
     """One program per (key block, query split, batch*head): the split's share of
     dV = P^T dO and dK = scale * dS^T Q for that key block, computed transposed
     (keys as rows) so both accumulate in registers. DK/DV are [split, B, M, h, d]
     buffers (fp32 partials, or the gradients themselves when there is one split)."""
+    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
+    )
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    stride_dob, stride_don, stride_doh, stride_dod = _layout(
+        stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
+    )
+    stride_ds = multiple_of(stride_ds, ALIGN)
+    stride_db, stride_dm, stride_dh, stride_dd = _layout(
+        stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
+    )
     # 1-D grid, key blocks fastest: the programs sharing a split's q and dO run together.
     pid = tl.program_id(0)
     key_blocks = tl.cdiv(M, BLOCK_M)
@@ -319,22 +379,45 @@ IEEE_TILES = {
     "backward_dq": (Tile(32, 16, 4, 2),),
     "backward_dkdv": (Tile(32, 16, 8, 2),),
 }
+# Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
+# head-dim slice, d not a multiple of 16) run without layout hints: every element is its
+# own scalar load with its own address, so they get the small tiles at every dtype.
+GENERIC_TILES = IEEE_TILES
 
 
-def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[Tile, ...]:
+@dataclass(frozen=True)
+class Layout:
+    """What the kernels may assume about the strides (their ALIGN and CONTIGUOUS_D)."""
+
+    align: int
+    contiguous_d: bool
+
+    def constexprs(self) -> dict[str, object]:
+        return {"ALIGN": self.align, "CONTIGUOUS_D": self.contiguous_d}
+
+
+# Two layouts are compiled: the usual one (every token, head and batch stride a multiple
+# of 16 elements, head dim contiguous: projection outputs with 16 | d) and no hints.
+ALIGNED = Layout(align=16, contiguous_d=True)
+UNALIGNED = Layout(align=1, contiguous_d=False)
+
+
+def _layout_of(*tensors: Tensor) -> Layout:
+    contiguous_d = all(t.stride(-1) == 1 for t in tensors)
+    return ALIGNED if contiguous_d and alignment(*(s for t in tensors for s in t.stride()[:-1])) == 16 else UNALIGNED
+
+
+def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, layout: Layout) -> tuple[Tile, ...]:
     """The configs the launcher autotunes over on a GPU. compile_targets() lists exactly
     these for head dims 16-128, so every one is checked for spills; larger head dims run
     on the d = 128 sets (correct, but they may spill)."""
+    if layout != ALIGNED:
+        return GENERIC_TILES[kernel]
     if dtype == torch.float32:
         return (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
     return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
 
 
-def _launch_tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[Tile, ...]:
-    return (INTERPRETER_TILE,) if INTERPRET else tiles(kernel, head_dim, dtype, input_precision)
-
-
-@functools.cache
 def _autotuned(kernel: str, configs: tuple[Tile, ...]):
     """The kernel autotuned over ``configs``, keyed on M, d and the dot precision
     (the autotuner adds the tensor dtypes itself). The chosen config is cached for
@@ -344,9 +427,15 @@ def _autotuned(kernel: str, configs: tuple[Tile, ...]):
     )(KERNELS[kernel])
 
 
-def _launch(kernel: str, grid, args, head_dim: int, dtype: torch.dtype, input_precision: str) -> None:
-    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "INPUT_PRECISION": input_precision}
-    configs = _launch_tiles(kernel, head_dim, dtype, input_precision)
+def _launch(kernel: str, grid, args, tensors, head_dim: int, input_precision: str) -> None:
+    """Launch ``kernel`` over ``grid``; ``tensors`` are the [.., d] tensors it reads and
+    writes through strides (they decide the layout hints)."""
+    layout = _layout_of(*tensors)
+    dtype = tensors[0].dtype
+    constexprs = {
+        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "INPUT_PRECISION": input_precision, **layout.constexprs()
+    }
+    configs = (INTERPRETER_TILE,) if INTERPRET else tiles(kernel, head_dim, dtype, input_precision, layout)
     if len(configs) == 1:
         (tile,) = configs
         KERNELS[kernel][grid](
@@ -398,7 +487,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str
         return (triton.cdiv(n, meta["BLOCK_N"]) * batch * heads,)
 
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), n, m, heads, scale * LOG2E)
-    _launch("forward", grid, args, head_dim, q.dtype, input_precision)
+    _launch("forward", grid, args, (q, k, v, out), head_dim, input_precision)
     return out, lse
 
 
@@ -419,7 +508,7 @@ def _backward(
         *qkv_strides, *out.stride(), *grad_out.stride(), *grad_q.stride(),
         n, m, heads, scale, scale * LOG2E,
     )
-    _launch("backward_dq", dq_grid, dq_args, head_dim, q.dtype, input_precision)
+    _launch("backward_dq", dq_grid, dq_args, (q, k, v, out, grad_out, grad_q), head_dim, input_precision)
 
     rows_per_split = _query_split_rows(batch * heads, n, m)
     splits = triton.cdiv(n, rows_per_split)
@@ -436,7 +525,7 @@ def _backward(
         *qkv_strides, *grad_out.stride(), *partial_k.stride(),
         n, m, heads, rows_per_split, scale, scale * LOG2E,
     )
-    _launch("backward_dkdv", dkdv_grid, dkdv_args, head_dim, q.dtype, input_precision)
+    _launch("backward_dkdv", dkdv_grid, dkdv_args, (q, k, v, grad_out, partial_k), head_dim, input_precision)
     if splits == 1:
         return grad_q, partial_k[0], partial_v[0]
     return grad_q, partial_k.sum(0).to(k.dtype), partial_v.sum(0).to(v.dtype)
@@ -498,15 +587,10 @@ def efficient_attention(
     [B, M, h, d] (any strides) -> [B, N, h, d]; ``scale`` defaults to d**-0.5.
 
     Inputs are assumed checked (``segformer_kernels.efficient_attention`` checks them).
-    ``input_precision`` sets how fp32 inputs meet the tensor cores: "tf32" (the default,
-    fast, ~5e-4 relative error) or "ieee" (exact fp32); it does not apply to fp16/bf16.
+    ``input_precision`` sets how fp32 inputs meet the tensor cores: "tf32" or "ieee", or
+    None to follow torch's fp32 matmul setting (see _triton_utils.resolve_input_precision).
     """
-    if input_precision is None:
-        input_precision = "tf32"
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
-    if q.dtype != torch.float32:
-        input_precision = "tf32"  # no effect on 16-bit dots: one compiled variant, not two
+    input_precision = resolve_input_precision(q.dtype, input_precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _attention_op(q, k, v, scale, input_precision)
     return out
@@ -518,7 +602,7 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _STAT_POINTERS = {"LSE", "DELTA"}  # fp32 [B, h, N] statistics
 _FLOAT_SCALARS = {"scale", "qk_scale"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION"}
+_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D"}
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -542,29 +626,27 @@ def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, st
 
 
 def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype, head dim, dot precision) the launcher can launch on a GPU."""
+    """Every (kernel, config, dtype, head dim, dot precision, layout) the launcher can
+    launch on a GPU; dK/dV also with fp32 partial buffers for 16-bit inputs."""
     targets = []
-    for dtype, element in _TRITON_TYPES.items():
+    for (dtype, element), head_dim, layout in itertools.product(_TRITON_TYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
         precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
-        for head_dim in HEAD_DIMS:
-            for kernel_name, kernel in KERNELS.items():
-                partial_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)
-                for precision in precisions:
-                    for tile in tiles(kernel_name, head_dim, dtype, precision):
-                        for split_partials in partial_variants:
-                            constexprs = {
-                                "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim),
-                                "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision,
-                            }
-                            suffix = " partials" if split_partials else ""
-                            targets.append(CompileTarget(
-                                name=f"attention_{kernel_name}",
-                                kernel=kernel,
-                                signature=_signature(kernel, dtype, split_partials),
-                                constexprs=constexprs,
-                                num_warps=tile.num_warps,
-                                num_stages=tile.num_stages,
-                                config=f"{element} d={head_dim} N{tile.block_n} M{tile.block_m} "
-                                f"w{tile.num_warps} s{tile.num_stages} {precision}{suffix}",
-                            ))
+        for (kernel_name, kernel), precision in itertools.product(KERNELS.items(), precisions):
+            split_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)
+            for tile, split_partials in itertools.product(
+                tiles(kernel_name, head_dim, dtype, precision, layout), split_variants
+            ):
+                targets.append(CompileTarget(
+                    name=f"attention_{kernel_name}",
+                    kernel=kernel,
+                    signature=_signature(kernel, dtype, split_partials),
+                    constexprs={
+                        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": tile.block_n,
+                        "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision, **layout.constexprs(),
+                    },
+                    num_warps=tile.num_warps,
+                    num_stages=tile.num_stages,
+                    config=f"{element} d={head_dim} N{tile.block_n} M{tile.block_m} w{tile.num_warps} "
+                    f"s{tile.num_stages} {precision} align{layout.align}" + (" partials" if split_partials else ""),
+                ))
     return targets

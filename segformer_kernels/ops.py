@@ -72,6 +72,10 @@ def _dispatch(op: str, kernels: str, device: torch.device, dtype: torch.dtype):
         if kernels == "triton":
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got float64")
         kernels = "torch"
+    if kernels == "auto" and dtype == torch.bfloat16 and device.type == "cpu":
+        # CPU tensors reach Triton only through its interpreter, whose bf16 arithmetic
+        # is wrong: "auto" takes the reference ("triton" still insists, for debugging)
+        kernels = "torch"
     if use_triton(op, kernels, device):
         return triton_implementation(op)
     return getattr(reference, op)

@@ -125,4 +125,5 @@ def decode_head(
         for z, (h, w) in zip(maps, hws)
     )
     activated = torch.relu(fused * scale[:, None, None] + shift[:, None, None])
-    return F.conv2d(activated, cls_weight[:, :, None, None], cls_bias)
+    # contiguous NCHW whatever layout the resize picked, as the kernel writes it
+    return F.conv2d(activated, cls_weight[:, :, None, None], cls_bias).contiguous()

@@ -92,8 +92,9 @@ def test_explicit_scale(scale, dtype, device):
 
 
 def test_strided_views_of_projection_outputs(device, poisoned_allocations, monkeypatch):
-    """q the first columns of a wider projection output or stored head-major, k and v
-    the two halves of one fused [B, M, 2*h*d] kv projection: read in place, no copies."""
+    """q the first columns of a wider projection output, stored head-major, or every
+    other element of its head dim; k and v the two halves of one fused [B, M, 2*h*d] kv
+    projection. Read in place (no copies), under both layouts the kernels compile for."""
     dtype = torch.float32
     batch, n, m, heads, head_dim = 2, 45, 13, 2, 32
     width = heads * head_dim
@@ -101,23 +102,31 @@ def test_strided_views_of_projection_outputs(device, poisoned_allocations, monke
     def kv_halves(kv):
         return kv.unflatten(-1, (2, heads, head_dim)).unbind(2)
 
-    def sliced_q(projection, kv):
+    def sliced_q(projection, kv):  # token stride width + 8: not a multiple of 16
         return projection[..., :width].unflatten(-1, (heads, head_dim)), *kv_halves(kv)
 
-    def head_major_q(q_heads_first, kv):
+    def head_major_q(q_heads_first, kv):  # every stride a multiple of 16, head dim contiguous
         return q_heads_first.transpose(1, 2), *kv_halves(kv)
 
-    projection = torch.randn(batch, n, width + 8, device=device, requires_grad=True)
-    q_heads_first = torch.randn(batch, heads, n, head_dim, device=device, requires_grad=True)
+    def head_dim_strided_q(doubled, kv):  # head-dim stride 2
+        return doubled.unflatten(-1, (heads, head_dim, 2))[..., 0], *kv_halves(kv)
+
     kv = torch.randn(batch, m, 2 * width, device=device, requires_grad=True)
+    cases = [
+        (sliced_q, torch.randn(batch, n, width + 8, device=device, requires_grad=True), attention.UNALIGNED),
+        (head_major_q, torch.randn(batch, heads, n, head_dim, device=device, requires_grad=True), attention.ALIGNED),
+        (head_dim_strided_q, torch.randn(batch, n, 2 * width, device=device, requires_grad=True), attention.UNALIGNED),
+    ]
 
     def no_copies(self, *args, **kwargs):
         raise AssertionError("the attention op must read strided views in place, not call .contiguous()")
 
     monkeypatch.setattr(torch.Tensor, "contiguous", no_copies)
-    for make_qkv, leaves in ((sliced_q, (projection, kv)), (head_major_q, (q_heads_first, kv))):
-        assert not any(t.is_contiguous() for t in make_qkv(*leaves))
-        _check(leaves, make_qkv, dtype)
+    for make_qkv, q_source, layout in cases:
+        q, k, v = make_qkv(q_source, kv)
+        assert not any(t.is_contiguous() for t in (q, k, v))
+        assert attention._layout_of(q, k, v) == layout
+        _check((q_source, kv), make_qkv, dtype)
 
 
 def test_row_log_sum_exp_is_stored(device):
@@ -199,11 +208,17 @@ def test_torch_compile_traces_without_graph_break(device):
 
 
 @pytest.mark.gpu
-def test_default_fp32_precision_is_tf32_accurate(device):
-    """Without the "ieee" pin, fp32 runs tf32 dots: accurate to tf32's ~1e-3."""
+def test_fp32_follows_torch_matmul_precision(device):
+    """Without an explicit input_precision, fp32 follows torch's setting: "high" allows
+    tf32 dots, accurate to tf32's ~1e-3."""
     q, k, v = _inputs(VARIANT_STAGES["b0_stage1_16x24_sr8"], torch.float32, device)
-    out = attention.efficient_attention(q, k, v)
-    (dq, dk, dv), upstream = grads(out, (q, k, v))
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        out = attention.efficient_attention(q, k, v)
+        (dq, dk, dv), upstream = grads(out, (q, k, v))
+    finally:
+        torch.set_float32_matmul_precision(previous)
     ref, ref_grads = _reference_with_grads((q, k, v), _identity, upstream)
     assert_close(out, ref, torch.float32, "output", scale=200)
     for index, (grad, ref_grad) in enumerate(zip((dq, dk, dv), ref_grads)):

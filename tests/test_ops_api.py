@@ -86,3 +86,18 @@ def test_autocast_casts_matmul_ops_and_keeps_layer_norm_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert sk.dwconv_gelu(x, (5, 7), weight, bias, kernels="torch").dtype == torch.bfloat16
         assert sk.layer_norm(x, torch.ones(8), torch.zeros(8), kernels="torch").dtype == torch.float32
+
+
+def test_auto_keeps_bf16_cpu_tensors_off_the_interpreter(monkeypatch):
+    """The Triton interpreter's bf16 arithmetic is wrong, so "auto" runs the reference
+    for bf16 CPU tensors even where the interpreter is on."""
+    monkeypatch.setattr(_backend, "INTERPRET", True)
+    called = []
+    monkeypatch.setitem(_backend._loaded, "dwconv_gelu", lambda *args: called.append(args))
+    x = _tokens().bfloat16()
+    weight, bias = (t.bfloat16() for t in _dw())
+    out = sk.dwconv_gelu(x, (5, 7), weight, bias)
+    assert not called
+    torch.testing.assert_close(out, sk.reference.dwconv_gelu(x, (5, 7), weight, bias), rtol=0, atol=0)
+    sk.dwconv_gelu(x, (5, 7), weight, bias, kernels="triton")
+    assert len(called) == 1
