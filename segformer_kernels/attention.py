@@ -351,18 +351,18 @@ INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 # dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
 # fp32 ("ieee") dots run on the FMA units, need far more registers and are for tests, so
 # they get one small config. Every one compiles with zero spills for sm_80 and sm_90 at
-# d = 16, 32, 64, 128 (checked by compile_targets(); ptxas's register allocation is not
-# monotonic in the tile size, so each set is what passed, not a rule) and fits sm_80's
-# shared memory. The 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the
+# d = 16, 32, 64, 128 (compile_targets() lists them for `python -m
+# segformer_kernels.compile_check`; ptxas's register allocation is not monotonic in the
+# tile size, so each set is what passed, not a rule) and fits sm_80's shared memory. The 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the
 # size of Hopper's wgmma tile. Tile(query rows, key rows, warps, stages).
 HALF_TILES = {
     "forward": {
-        64: (Tile(128, 64, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3)),
+        64: (Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3)),
         128: (Tile(64, 64, 4, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3)),
     },
     "backward_dq": {
         64: (Tile(64, 32, 4, 2), Tile(128, 32, 8, 2), Tile(64, 32, 4, 3)),
-        128: (Tile(64, 64, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
+        128: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
     },
     "backward_dkdv": {
         64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2)),
@@ -372,17 +372,21 @@ HALF_TILES = {
 TF32_TILES = {
     "forward": (Tile(64, 32, 4, 2),),
     "backward_dq": (Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
-    "backward_dkdv": (Tile(32, 32, 4, 2), Tile(16, 32, 4, 2)),
+    "backward_dkdv": (Tile(32, 32, 8, 2), Tile(16, 32, 4, 2)),
 }
 IEEE_TILES = {
+    "forward": (Tile(32, 16, 8, 2),),
+    "backward_dq": (Tile(32, 16, 4, 2),),
+    "backward_dkdv": (Tile(16, 16, 8, 2),),
+}
+# Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
+# head-dim slice, d not a multiple of 16) run without layout hints: every element is its
+# own scalar load with its own address, so they get small tiles at every dtype.
+GENERIC_TILES = {
     "forward": (Tile(32, 32, 8, 2),),
     "backward_dq": (Tile(32, 16, 4, 2),),
     "backward_dkdv": (Tile(32, 16, 8, 2),),
 }
-# Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
-# head-dim slice, d not a multiple of 16) run without layout hints: every element is its
-# own scalar load with its own address, so they get the small tiles at every dtype.
-GENERIC_TILES = IEEE_TILES
 
 
 @dataclass(frozen=True)
@@ -418,6 +422,7 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, 
     return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
 
 
+@functools.cache
 def _autotuned(kernel: str, configs: tuple[Tile, ...]):
     """The kernel autotuned over ``configs``, keyed on M, d and the dot precision
     (the autotuner adds the tensor dtypes itself). The chosen config is cached for

@@ -291,7 +291,12 @@ def _channel_block(channels: int, limit: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(channels)))
 
 
-def _forward_config(out_channels: int, channels: int, element_size: int) -> dict:
+# Exact fp32 dots ("ieee") run on the FMA units with both operands in registers:
+# their tiles are halved (rows and K step of the forward and of dx, the row step of
+# dW) so they compile without spills like the tensor-core ones.
+
+
+def _forward_config(out_channels: int, channels: int, element_size: int, exact_fp32: bool = False) -> dict:
     """The forward holds whole rows of C_out (BLOCK_N = next_pow2(C_out)) for the
     LayerNorm. BLOCK_M shrinks as C_out grows so that the fp32 [BLOCK_M, BLOCK_N]
     accumulator takes at most 64 registers a thread (32 up to C_out = 256; the
@@ -299,8 +304,8 @@ def _forward_config(out_channels: int, channels: int, element_size: int) -> dict
     weight tile [BLOCK_C, BLOCK_N] within 32 KB of shared memory per pipeline stage."""
     block_n = max(16, triton.next_power_of_2(out_channels))
     num_warps = 4 if block_n <= 64 else 8
-    block_m = max(16, min(64, 64 * 32 * num_warps // block_n))
-    block_c = _channel_block(channels, max(16, min(64, 32768 // (block_n * element_size))))
+    block_m = max(16, min(64, 64 * 32 * num_warps // block_n) // (2 if exact_fp32 else 1))
+    block_c = _channel_block(channels, max(16, min(32 if exact_fp32 else 64, 32768 // (block_n * element_size))))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": num_warps, "num_stages": 3}
 
 
@@ -319,18 +324,18 @@ def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
     return triton.cdiv(row_blocks, blocks_per_program), blocks_per_program
 
 
-def _input_grad_config(out_channels: int, channels: int) -> dict:
+def _input_grad_config(out_channels: int, channels: int, exact_fp32: bool = False) -> dict:
     """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step."""
-    block_k = max(16, min(64, triton.next_power_of_2(out_channels)))
+    block_k = max(16, min(32 if exact_fp32 else 64, triton.next_power_of_2(out_channels)))
     block_c = _channel_block(channels, 64)
-    return {"BLOCK_M": 64, "BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 32 if exact_fp32 else 64, "BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
 
 
-def _weight_grad_config(out_channels: int, channels: int) -> dict:
+def _weight_grad_config(out_channels: int, channels: int, exact_fp32: bool = False) -> dict:
     """Tiles of dW = dz^T @ patches: [BLOCK_CO, BLOCK_C] per program, BLOCK_R rows a step."""
     block_co = max(16, min(64, triton.next_power_of_2(out_channels)))
     block_c = _channel_block(channels, 64)
-    return {"BLOCK_CO": block_co, "BLOCK_R": 64, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_CO": block_co, "BLOCK_R": 32 if exact_fp32 else 64, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
 
 
 def _weight_grad_split(rows: int, tiles: int, block_r: int, out_channels: int) -> tuple[int, int]:
@@ -380,7 +385,7 @@ def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_we
     reduced_width = width // sr
     patches = (height // sr) * reduced_width
     rows = batch * patches
-    config = _forward_config(out_channels, channels, x.element_size())
+    config = _forward_config(out_channels, channels, x.element_size(), input_precision == "ieee")
 
     y = x.new_empty(batch, patches, out_channels)
     z = torch.empty(rows, out_channels, device=x.device, dtype=torch.float32)
@@ -421,7 +426,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
         **_blocks(config), ALIGN=alignment(out_channels), **_launch_options(config),
     )
 
-    config = _input_grad_config(out_channels, channels)
+    config = _input_grad_config(out_channels, channels, input_precision == "ieee")
     covering_height, covering_width = triton.cdiv(height, sr), triton.cdiv(width, sr)
     covering_patches = batch * covering_height * covering_width
     dx = torch.empty(batch, height * width, channels, device=x.device, dtype=x.dtype)
@@ -434,7 +439,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
         INPUT_PRECISION=input_precision, **_launch_options(config),
     )
 
-    config = _weight_grad_config(out_channels, channels)
+    config = _weight_grad_config(out_channels, channels, input_precision == "ieee")
     grid_co = triton.cdiv(out_channels, config["BLOCK_CO"])
     grid_k = sr * sr * triton.cdiv(channels, config["BLOCK_C"])
     splits, rows_per_split = _weight_grad_split(rows, grid_co * grid_k, config["BLOCK_R"], out_channels)
@@ -566,19 +571,22 @@ def compile_targets() -> list[CompileTarget]:
     both precisions (resolve_input_precision picks "ieee" under torch's default)."""
     targets = {}
     for dtype, element_type in _TRITON_TYPES.items():
-        for channels, sr in VARIANT_CHANNELS.items():
-            for name, kernel, config in (
-                ("spatial_reduction_forward", _forward_kernel, _forward_config(channels, channels, dtype.itemsize)),
-                ("spatial_reduction_layer_norm_backward", _layer_norm_backward_kernel,
-                 _layer_norm_backward_config(channels)),
-                ("spatial_reduction_input_grad", _input_grad_kernel, _input_grad_config(channels, channels)),
-                ("spatial_reduction_weight_grad", _weight_grad_kernel, _weight_grad_config(channels, channels)),
-            ):
-                described = " ".join(f"{key}={value}" for key, value in config.items())
-                has_dot = "INPUT_PRECISION" in kernel.arg_names
-                for precision in (INPUT_PRECISIONS if has_dot and dtype == torch.float32 else ("tf32",)):
-                    key = (name, element_type, described, precision)
-                    if key in targets:  # another C with the same blocks compiles the same code
+        for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
+            exact = precision == "ieee"
+            for channels, sr in VARIANT_CHANNELS.items():
+                for name, kernel, config in (
+                    ("spatial_reduction_forward", _forward_kernel,
+                     _forward_config(channels, channels, dtype.itemsize, exact)),
+                    ("spatial_reduction_layer_norm_backward", _layer_norm_backward_kernel,
+                     _layer_norm_backward_config(channels)),
+                    ("spatial_reduction_input_grad", _input_grad_kernel, _input_grad_config(channels, channels, exact)),
+                    ("spatial_reduction_weight_grad", _weight_grad_kernel,
+                     _weight_grad_config(channels, channels, exact)),
+                ):
+                    described = " ".join(f"{key}={value}" for key, value in config.items())
+                    has_dot = "INPUT_PRECISION" in kernel.arg_names
+                    key = (name, element_type, described, precision if has_dot else "")
+                    if key in targets:  # another C or precision compiles the same code
                         continue
                     constexprs = {**_blocks(config), "ALIGN": 16}
                     if has_dot:
@@ -589,6 +597,6 @@ def compile_targets() -> list[CompileTarget]:
                         signature=_signature(kernel, element_type),
                         constexprs=constexprs,
                         **_launch_options(config),
-                        config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if precision == "ieee" else ""),
+                        config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if has_dot and exact else ""),
                     )
     return list(targets.values())

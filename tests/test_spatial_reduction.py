@@ -7,6 +7,8 @@ fp32 pins input_precision="ieee" so that, compiled on a GPU, tf32 does not eat t
 
 import importlib
 
+import itertools
+
 import pytest
 import torch
 from helpers import assert_close, grads
@@ -180,17 +182,17 @@ def test_compile_targets_cover_the_launcher_configs():
     targets = module.compile_targets()
     compiled = {(t.kernel, element_type(t.signature), tuple(sorted(t.constexprs.items()))) for t in targets}
     for dtype, triton_type in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
-        for channels in module.VARIANT_CHANNELS:
+        precisions = ("tf32", "ieee") if dtype == torch.float32 else ("tf32",)
+        for channels, precision in itertools.product(module.VARIANT_CHANNELS, precisions):
+            exact = precision == "ieee"
             for kernel, config in (
-                (module._forward_kernel, module._forward_config(channels, channels, dtype.itemsize)),
+                (module._forward_kernel, module._forward_config(channels, channels, dtype.itemsize, exact)),
                 (module._layer_norm_backward_kernel, module._layer_norm_backward_config(channels)),
-                (module._input_grad_kernel, module._input_grad_config(channels, channels)),
-                (module._weight_grad_kernel, module._weight_grad_config(channels, channels)),
+                (module._input_grad_kernel, module._input_grad_config(channels, channels, exact)),
+                (module._weight_grad_kernel, module._weight_grad_config(channels, channels, exact)),
             ):
-                has_dot = "INPUT_PRECISION" in kernel.arg_names
-                for precision in ("tf32", "ieee") if has_dot and dtype == torch.float32 else ("tf32",):
-                    constexprs = {**module._blocks(config), "ALIGN": module.alignment(channels)}
-                    if has_dot:
-                        constexprs["INPUT_PRECISION"] = precision
-                    key = (kernel, triton_type, tuple(sorted(constexprs.items())))
-                    assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} {precision} has no compile target"
+                constexprs = {**module._blocks(config), "ALIGN": module.alignment(channels)}
+                if "INPUT_PRECISION" in kernel.arg_names:
+                    constexprs["INPUT_PRECISION"] = precision
+                key = (kernel, triton_type, tuple(sorted(constexprs.items())))
+                assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} {precision} has no compile target"
