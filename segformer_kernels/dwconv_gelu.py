@@ -127,18 +127,28 @@ def _tile_indices(num_tokens, num_channels, BLOCK_T: tl.constexpr, BLOCK_C: tl.c
 
 
 @triton.jit
-def _dwconv_gelu_forward_kernel(
-    x_ptr, weight_ptr, bias_ptr, y_ptr,
-    num_tokens, height, width, num_channels,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
-):
+def _program_tile_pre(x_ptr, weight_ptr, bias_ptr, num_tokens, height, width, num_channels,
+                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr):
+    """This program's [BLOCK_T, BLOCK_C] tile of conv(x) + bias (the GELU input), with
+    the element offsets and mask to read or write the same tile of a token tensor."""
     num_channels = multiple_of(num_channels, ALIGN)
     tokens, token_mask, channels, channel_mask = _tile_indices(num_tokens, num_channels, BLOCK_T, BLOCK_C)
     row, col = token_grid_position(tokens, height, width)
     pre = dwconv3x3_tile(x_ptr, weight_ptr, bias_ptr, tokens, row, col, token_mask, channels, channel_mask,
                          height, width, num_channels, BLOCK_T, BLOCK_C)
     offsets = tokens.to(tl.int64)[:, None] * num_channels + channels[None, :]
-    tl.store(y_ptr + offsets, gelu(pre).to(y_ptr.dtype.element_ty), mask=token_mask[:, None] & channel_mask[None, :])
+    return pre, offsets, token_mask[:, None] & channel_mask[None, :]
+
+
+@triton.jit
+def _dwconv_gelu_forward_kernel(
+    x_ptr, weight_ptr, bias_ptr, y_ptr,
+    num_tokens, height, width, num_channels,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+):
+    pre, offsets, mask = _program_tile_pre(x_ptr, weight_ptr, bias_ptr, num_tokens, height, width, num_channels,
+                                           BLOCK_T, BLOCK_C, ALIGN)
+    tl.store(y_ptr + offsets, gelu(pre).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,13 +158,8 @@ def _gelu_input_grad_kernel(
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """dpre = dy * GELU'(conv(x) + bias), the gradient at the GELU input."""
-    num_channels = multiple_of(num_channels, ALIGN)
-    tokens, token_mask, channels, channel_mask = _tile_indices(num_tokens, num_channels, BLOCK_T, BLOCK_C)
-    row, col = token_grid_position(tokens, height, width)
-    pre = dwconv3x3_tile(x_ptr, weight_ptr, bias_ptr, tokens, row, col, token_mask, channels, channel_mask,
-                         height, width, num_channels, BLOCK_T, BLOCK_C)
-    offsets = tokens.to(tl.int64)[:, None] * num_channels + channels[None, :]
-    mask = token_mask[:, None] & channel_mask[None, :]
+    pre, offsets, mask = _program_tile_pre(x_ptr, weight_ptr, bias_ptr, num_tokens, height, width, num_channels,
+                                           BLOCK_T, BLOCK_C, ALIGN)
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(dpre_ptr + offsets, (grad * gelu_grad(pre)).to(dpre_ptr.dtype.element_ty), mask=mask)
 
