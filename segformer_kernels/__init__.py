@@ -2,6 +2,7 @@
 
     import segformer_kernels as sk
     o = sk.efficient_attention(q, k, v)            # q [B,N,h,d], k/v [B,M,h,d]
+    y = sk.fused_attention(x, q_w, q_b, k, v, o_w, o_b)  # o_proj(attention(q_proj(x), k, v))
     r = sk.spatial_reduction(x, (H, W), w, b, ln_w, ln_b, eps)
     y = sk.dwconv_gelu(x, (H, W), w, b)
     y = sk.mix_ffn(x, (H, W), fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b)
@@ -21,13 +22,22 @@ from ._backend import KERNEL_CHOICES, load_kernels, triton_runs_on
 # hide the public function imported from ops if it came first.
 load_kernels()
 
-from .ops import decode_head, dwconv_gelu, efficient_attention, layer_norm, mix_ffn, spatial_reduction  # noqa: E402
+from .ops import (  # noqa: E402
+    decode_head,
+    dwconv_gelu,
+    efficient_attention,
+    fused_attention,
+    layer_norm,
+    mix_ffn,
+    spatial_reduction,
+)
 
 __all__ = [
     "KERNEL_CHOICES",
     "decode_head",
     "dwconv_gelu",
     "efficient_attention",
+    "fused_attention",
     "layer_norm",
     "mix_ffn",
     "reference",

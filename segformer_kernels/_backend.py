@@ -23,6 +23,7 @@ AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # and propagates.
 TRITON_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
     "efficient_attention": ("segformer_kernels.attention", "efficient_attention"),
+    "fused_attention": ("segformer_kernels.fused_attention", "fused_attention"),
     "spatial_reduction": ("segformer_kernels.spatial_reduction", "spatial_reduction"),
     "dwconv_gelu": ("segformer_kernels.dwconv_gelu", "dwconv_gelu"),
     "mix_ffn": ("segformer_kernels.mix_ffn", "mix_ffn"),

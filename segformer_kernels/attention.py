@@ -51,8 +51,9 @@ _LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _head_base(ptr, batch, head, stride_batch, stride_head):
-    """Pointer to element [batch, 0, head, 0]; int64 so huge batches cannot overflow."""
-    return ptr + batch.to(tl.int64) * stride_batch + head.to(tl.int64) * stride_head
+    """Pointer to element [batch, 0, head, 0]; int64 so huge batches cannot overflow.
+    (tl.cast, not .to: a loop index is a plain int under the interpreter.)"""
+    return ptr + tl.cast(batch, tl.int64) * stride_batch + tl.cast(head, tl.int64) * stride_head
 
 
 @triton.jit
@@ -110,6 +111,91 @@ def _query_block_and_head(N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """softmax(q k^T * scale) v for one query tile q [BLOCK_N, BLOCK_D] against all M keys
+    of one head, with an online softmax over key blocks. qk_scale = scale * log2(e):
+    scores live in log2 units so the softmax uses exp2. Returns the normalised output
+    (fp32) and the row log-sum-exp in natural-log units, log(sum_j exp(scale * q.k_j))."""
+    key_range = tl.arange(0, BLOCK_M)
+    row_max = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    row_sum = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
+    for start_m in range(0, M, BLOCK_M):
+        keys = start_m + key_range
+        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
+        v = _load_tile(v_base, keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
+        # Keys past M must get zero probability (M >= 1, so every row has a finite max).
+        scores = tl.where(keys[None, :] < M, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
+        row_max = new_max
+    # Normalise by exp2(-log2(sum)): the log2 is needed for the LSE anyway, and a true
+    # division would bring in the IEEE-division slow-path subroutine and its stack frame.
+    log2_sum = tl.log2(row_sum)
+    return acc * tl.exp2(-log2_sum)[:, None], (row_max + log2_sum) * _LN2
+
+
+@triton.jit
+def _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale,
+                  dims, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """sum_j dS_j K_j over all M keys of one head for one query tile, dS = P * (dO V^T - delta),
+    P recomputed from q and lse2 (the row log-sum-exp in log2 units). Returns fp32, not yet
+    multiplied by the softmax scale."""
+    key_range = tl.arange(0, BLOCK_M)
+    dq = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
+    # Keys past M load as zero rows of K and V: their dS is multiplied by a zero K row,
+    # so they add nothing to dQ and need no mask on the scores.
+    for start_m in range(0, M, BLOCK_M):
+        keys = start_m + key_range
+        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
+        v_t = _load_tile(v_base, dims, HEAD_DIM, stride_vd, keys, M, stride_vm)
+        p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[:, None])
+        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION: tl.constexpr):
+    """One query tile's share of dV = P^T dO and dK = dS^T Q (not yet scaled) for one key
+    tile, computed transposed (keys as rows) so both accumulate in registers. q_t is the
+    query tile transposed [BLOCK_D, BLOCK_N]; lse2 the rows' log-sum-exp in log2 units."""
+    p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _key_block_split_and_head(N, M, rows_per_split, BLOCK_M: tl.constexpr):
+    """(key block, query split, batch*head) of a dK/dV program. 1-D grid, key blocks
+    fastest: the programs sharing a split's query rows run together."""
+    pid = tl.program_id(0)
+    key_blocks = tl.cdiv(M, BLOCK_M)
+    splits = tl.cdiv(N, rows_per_split)
+    return pid % key_blocks, (pid // key_blocks) % splits, pid // (key_blocks * splits)
+
+
+@triton.jit
+def _store_key_partials(DK, DV, dk, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh, stride_dd,
+                        keys, M, dims, HEAD_DIM: tl.constexpr):
+    """A dK/dV program's tiles into its split's slice of the [split, B, M, h, d] buffers."""
+    split_offset = split.to(tl.int64) * stride_ds
+    dk_base = _head_base(DK + split_offset, batch, head, stride_db, stride_dh)
+    dv_base = _head_base(DV + split_offset, batch, head, stride_db, stride_dh)
+    _store_tile(dk_base, dk, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
+    _store_tile(dv_base, dv, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
+
+
+@triton.jit
 def _attention_forward_kernel(
     Q, K, V, O, LSE,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -121,8 +207,7 @@ def _attention_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
-    """One program per (query block, batch*head). qk_scale = scale * log2(e): scores
-    live in log2 units so the online softmax uses exp2."""
+    """One program per (query block, batch*head); qk_scale = scale * log2(e)."""
     stride_qb, stride_qn, stride_qh, stride_qd = _layout(
         stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
     )
@@ -140,36 +225,15 @@ def _attention_forward_kernel(
     head = pid_bh % heads
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    key_range = tl.arange(0, BLOCK_M)
 
     q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
     k_base = _head_base(K, batch, head, stride_kb, stride_kh)
     v_base = _head_base(V, batch, head, stride_vb, stride_vh)
 
-    row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, M, BLOCK_M):
-        keys = start_m + key_range
-        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
-        v = _load_tile(v_base, keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
-        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-        # Keys past M must get zero probability (M >= 1, so every row has a finite max).
-        scores = tl.where(keys[None, :] < M, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        p = tl.exp2(scores - new_max[:, None])
-        correction = tl.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
-        row_max = new_max
-
-    # Normalise by exp2(-log2(sum)): the log2 is needed for the LSE anyway, and a true
-    # division would bring in the IEEE-division slow-path subroutine and its stack frame.
-    log2_sum = tl.log2(row_sum)
-    out = acc * tl.exp2(-log2_sum)[:, None]
+    out, lse = _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+                       HEAD_DIM, BLOCK_M, INPUT_PRECISION)
     _store_tile(_head_base(O, batch, head, stride_ob, stride_oh), out, rows, N, stride_on, dims, HEAD_DIM, stride_od)
-    # Stored in natural-log units: log(sum_j exp(scale * q.k_j)).
-    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, (row_max + log2_sum) * _LN2, mask=rows < N)
+    tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
 @triton.jit
@@ -211,7 +275,6 @@ def _attention_backward_dq_kernel(
     head = pid_bh % heads
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    key_range = tl.arange(0, BLOCK_M)
 
     q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
     do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
@@ -224,17 +287,8 @@ def _attention_backward_dq_kernel(
 
     k_base = _head_base(K, batch, head, stride_kb, stride_kh)
     v_base = _head_base(V, batch, head, stride_vb, stride_vh)
-    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # Keys past M load as zero rows of K and V: their dS is multiplied by a zero K row,
-    # so they add nothing to dQ and need no mask on the scores.
-    for start_m in range(0, M, BLOCK_M):
-        keys = start_m + key_range
-        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
-        v_t = _load_tile(v_base, dims, HEAD_DIM, stride_vd, keys, M, stride_vm)
-        p = tl.exp2(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[:, None])
-        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
+    dq = _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M,
+                       qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
 
     dq_base = _head_base(DQ, batch, head, stride_dqb, stride_dqh)
     _store_tile(dq_base, dq * scale, rows, N, stride_dqn, dims, HEAD_DIM, stride_dqd)
@@ -273,13 +327,7 @@ def _attention_backward_dkdv_kernel(
     stride_db, stride_dm, stride_dh, stride_dd = _layout(
         stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
     )
-    # 1-D grid, key blocks fastest: the programs sharing a split's q and dO run together.
-    pid = tl.program_id(0)
-    key_blocks = tl.cdiv(M, BLOCK_M)
-    splits = tl.cdiv(N, rows_per_split)
-    pid_m = pid % key_blocks
-    split = (pid // key_blocks) % splits
-    pid_bh = pid // (key_blocks * splits)
+    pid_m, split, pid_bh = _key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
     batch = pid_bh // heads
     head = pid_bh % heads
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -305,17 +353,10 @@ def _attention_backward_dkdv_kernel(
         do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
         lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        p_t = tl.exp2(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale - lse2[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
+        dk, dv = _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
-    split_offset = split.to(tl.int64) * stride_ds
-    dk_base = _head_base(DK + split_offset, batch, head, stride_db, stride_dh)
-    dv_base = _head_base(DV + split_offset, batch, head, stride_db, stride_dh)
-    _store_tile(dk_base, dk * scale, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
-    _store_tile(dv_base, dv, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
+    _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+                        stride_dd, keys, M, dims, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- launch configurations
@@ -423,35 +464,44 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, 
 
 
 @functools.cache
-def _autotuned(kernel: str, configs: tuple[Tile, ...]):
-    """The kernel autotuned over ``configs``, keyed on M, d and the dot precision
-    (the autotuner adds the tensor dtypes itself). The chosen config is cached for
-    the process, so repeated calls are bitwise reproducible."""
-    return triton.autotune(
-        configs=[t.triton_config() for t in configs], key=["M", "HEAD_DIM", "INPUT_PRECISION"]
-    )(KERNELS[kernel])
+def _autotuned(kernel, configs: tuple[Tile, ...], key: tuple[str, ...]):
+    """``kernel`` autotuned over ``configs``, keyed on the arguments named in ``key`` (the
+    autotuner adds the tensor dtypes itself). The chosen config is cached for the
+    process, so repeated calls are bitwise reproducible."""
+    return triton.autotune(configs=[t.triton_config() for t in configs], key=list(key))(kernel)
+
+
+def launch_configs(configs: tuple[Tile, ...]) -> tuple[Tile, ...]:
+    """The configs a launch may use here: ``configs`` on a GPU, INTERPRETER_TILE under the
+    interpreter (autotuning needs a driver)."""
+    return (INTERPRETER_TILE,) if INTERPRET else configs
+
+
+def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...]) -> None:
+    """Launch a kernel taking BLOCK_N/BLOCK_M tiles: with the one config given, or
+    autotuned over several (``configs`` from launch_configs)."""
+    if len(configs) == 1:
+        (tile,) = configs
+        kernel[grid](
+            *args, **constexprs, BLOCK_N=tile.block_n, BLOCK_M=tile.block_m,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+    else:
+        _autotuned(kernel, configs, key)[grid](*args, **constexprs)
 
 
 def _launch(kernel: str, grid, args, tensors, head_dim: int, input_precision: str) -> None:
     """Launch ``kernel`` over ``grid``; ``tensors`` are the [.., d] tensors it reads and
     writes through strides (they decide the layout hints)."""
     layout = _layout_of(*tensors)
-    dtype = tensors[0].dtype
     constexprs = {
-        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "INPUT_PRECISION": input_precision, **layout.constexprs()
+        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "INPUT_PRECISION": input_precision, **layout.constexprs()
     }
-    configs = (INTERPRETER_TILE,) if INTERPRET else tiles(kernel, head_dim, dtype, input_precision, layout)
-    if len(configs) == 1:
-        (tile,) = configs
-        KERNELS[kernel][grid](
-            *args, **constexprs, BLOCK_N=tile.block_n, BLOCK_M=tile.block_m,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
-    else:
-        _autotuned(kernel, configs)[grid](*args, **constexprs)
+    configs = launch_configs(tiles(kernel, head_dim, tensors[0].dtype, input_precision, layout))
+    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, ("M", "HEAD_DIM", "INPUT_PRECISION"))
 
 
-def _block_d(head_dim: int) -> int:
+def block_d(head_dim: int) -> int:
     # tl.dot needs every tile side >= 16.
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -477,6 +527,26 @@ def _query_split_rows(batch_heads: int, n: int, m: int) -> int:
     wanted = triton.cdiv(DKDV_TARGET_PROGRAMS, triton.cdiv(m, DKDV_ESTIMATE_BLOCK_M) * batch_heads)
     splits = max(1, min(wanted, most_splits))
     return triton.cdiv(triton.cdiv(n, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def key_gradient_partials(k: Tensor, n: int) -> tuple[int, Tensor, Tensor]:
+    """(query rows per split, dK buffer, dV buffer) for a dK/dV kernel over n query rows:
+    [split, *k.shape] buffers, in k's dtype when there is one split (the gradients
+    themselves), fp32 partials otherwise."""
+    batch, m, heads, _ = k.shape
+    rows_per_split = _query_split_rows(batch * heads, n, m)
+    splits = triton.cdiv(n, rows_per_split)
+    partial_dtype = k.dtype if splits == 1 else torch.float32
+    partial_k = torch.empty((splits, *k.shape), dtype=partial_dtype, device=k.device)
+    return rows_per_split, partial_k, torch.empty_like(partial_k)
+
+
+def sum_key_partials(partial_k: Tensor, partial_v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """dK and dV from the buffers of key_gradient_partials: the splits summed in fp32, in a
+    fixed order (deterministic)."""
+    if partial_k.shape[0] == 1:
+        return partial_k[0], partial_v[0]
+    return partial_k.sum(0).to(dtype), partial_v.sum(0).to(dtype)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -515,12 +585,8 @@ def _backward(
     )
     _launch("backward_dq", dq_grid, dq_args, (q, k, v, out, grad_out, grad_q), head_dim, input_precision)
 
-    rows_per_split = _query_split_rows(batch * heads, n, m)
-    splits = triton.cdiv(n, rows_per_split)
-    # One split writes the gradients directly in k's dtype; several write fp32 partials.
-    partial_dtype = k.dtype if splits == 1 else torch.float32
-    partial_k = torch.empty((splits, *k.shape), dtype=partial_dtype, device=k.device)
-    partial_v = torch.empty_like(partial_k)
+    rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
+    splits = partial_k.shape[0]
 
     def dkdv_grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * splits * batch * heads,)
@@ -531,9 +597,7 @@ def _backward(
         n, m, heads, rows_per_split, scale, scale * LOG2E,
     )
     _launch("backward_dkdv", dkdv_grid, dkdv_args, (q, k, v, grad_out, partial_k), head_dim, input_precision)
-    if splits == 1:
-        return grad_q, partial_k[0], partial_v[0]
-    return grad_q, partial_k.sum(0).to(k.dtype), partial_v.sum(0).to(v.dtype)
+    return (grad_q, *sum_key_partials(partial_k, partial_v, k.dtype))
 
 
 # --------------------------------------------------------------------------- autograd op
@@ -611,23 +675,30 @@ _CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
-    """Triton types of every runtime argument: tensor pointers in the input dtype (dK/dV
-    partials fp32 when split), statistics fp32, strides and sizes i32."""
+def kernel_signature(kernel, dtype: torch.dtype, tensor_pointers, fp32_pointers, constexprs) -> dict[str, str]:
+    """Triton types of every runtime argument: ``tensor_pointers`` in the input dtype,
+    ``fp32_pointers`` fp32, scale and qk_scale fp32, everything else (strides, sizes)
+    i32; ``constexprs`` are left out."""
     element = _TRITON_TYPES[dtype]
     signature = {}
     for name in kernel.arg_names:
-        if name in _CONSTEXPRS:
+        if name in constexprs:
             continue
-        if name in _STAT_POINTERS or (split_partials and name in ("DK", "DV")):
+        if name in fp32_pointers:
             signature[name] = "*fp32"
-        elif name in _TENSOR_POINTERS:
+        elif name in tensor_pointers:
             signature[name] = f"*{element}"
         elif name in _FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
     return signature
+
+
+def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
+    """Statistics fp32, dK/dV fp32 when they are split partials, other tensors in the input dtype."""
+    fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if split_partials else set())
+    return kernel_signature(kernel, dtype, _TENSOR_POINTERS, fp32_pointers, _CONSTEXPRS)
 
 
 def compile_targets() -> list[CompileTarget]:
@@ -646,7 +717,7 @@ def compile_targets() -> list[CompileTarget]:
                     kernel=kernel,
                     signature=_signature(kernel, dtype, split_partials),
                     constexprs={
-                        "HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim), "BLOCK_N": tile.block_n,
+                        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_N": tile.block_n,
                         "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision, **layout.constexprs(),
                     },
                     num_warps=tile.num_warps,

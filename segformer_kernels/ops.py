@@ -100,6 +100,47 @@ def efficient_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = N
     return _dispatch("efficient_attention", kernels, q.device, q.dtype)(q, k, v, scale)
 
 
+def fused_attention(
+    x: Tensor,
+    q_weight: Tensor,
+    q_bias: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out_weight: Tensor,
+    out_bias: Tensor,
+    scale: float | None = None,
+    *,
+    kernels: str = "auto",
+) -> Tensor:
+    """Attention with its projections, o_proj(attention(q_proj(x), k, v)); on the Triton
+    path q and the attention output never reach memory (for C <= 128; wider C runs the
+    projections through cuBLAS around the attention kernel).
+
+    x [B, N, C]; k, v [B, M, heads, d] with heads * d = C; q_weight, out_weight [C, C]
+    (nn.Linear layout); q_bias, out_bias [C] -> [B, N, C]. ``scale`` defaults to d**-0.5.
+    """
+    _check_tokens(x)
+    tensors = {"q_weight": q_weight, "q_bias": q_bias, "k": k, "v": v, "out_weight": out_weight, "out_bias": out_bias}
+    for name, t in tensors.items():
+        _check_tensor(name, t, ndim=4 if name in ("k", "v") else None)
+    batch, tokens, channels = x.shape
+    _check_shape("k", k, (batch, None, None, None), "[B, M, heads, head_dim] with x's batch")
+    if k.shape[1] == 0 or k.shape[2] == 0 or k.shape[2] * k.shape[3] != channels:
+        raise ValueError(
+            f"k must be a non-empty [B, M, heads, head_dim] tensor with heads * head_dim = C = {channels}, "
+            f"got {tuple(k.shape)}"
+        )
+    _check_shape("v", v, tuple(k.shape), "the same shape as k")
+    for name in ("q_weight", "out_weight"):
+        _check_shape(name, tensors[name], (channels, channels), "[C, C], an nn.Linear weight")
+    for name in ("q_bias", "out_bias"):
+        _check_shape(name, tensors[name], (channels,), "[C]")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    args = autocast_inputs(x.device, x, *tensors.values())
+    _check_same(("x", *tensors), args)
+    return _dispatch("fused_attention", kernels, x.device, x.dtype)(*args, scale)
+
 def spatial_reduction(
     x: Tensor,
     hw: tuple[int, int],

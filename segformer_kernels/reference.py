@@ -24,6 +24,22 @@ def efficient_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = N
     return torch.einsum("bhnm,bmhd->bnhd", probabilities, v)
 
 
+def fused_attention(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """Attention with its projections: o_proj(attention(q_proj(x), k, v)).
+
+    x [B, N, C], k and v [B, M, h, d] with h * d = C, weights [C, C], biases [C] -> [B, N, C].
+    """
+    return projected_attention(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, efficient_attention)
+
+
+def projected_attention(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, attention) -> Tensor:
+    """fused_attention around a given core, ``attention(q, k, v, scale)``."""
+    q = F.linear(x, q_weight, q_bias).unflatten(-1, k.shape[2:])
+    return F.linear(attention(q, k, v, scale).flatten(2), out_weight, out_bias)
+
 def spatial_reduction(
     x: Tensor,
     hw: tuple[int, int],

@@ -1,0 +1,534 @@
+"""Efficient self-attention with its projections fused in, for C <= 128 (stages 1-2).
+
+    y = o_proj(attention(q_proj(x), k, v)) = (softmax(q k^T * scale) v) Wo^T + bo,
+    q = x Wq^T + bq, per head,
+
+with x [B, N, C] the LayerNorm'd tokens, k, v [B, M, h, d] (h * d = C) from the
+spatially reduced sequence, Wq and Wo [C, C]. One program owns a query tile and all
+its heads: it computes each head's q from the x tile (prologue), runs the flash loop
+of ``attention`` against that head's keys, and accumulates o_h Wo[:, head]^T
+(epilogue), so neither q nor o reaches memory in inference. Per query token the
+forward moves 4C bytes (16-bit: x in, y out) where q_proj + core + o_proj move 12C.
+
+Training saves o and the row log-sum-exp (as the plain core does) and nothing else:
+    dO_h  = dY Wo[:, head]                   recomputed per query tile
+    dQ_h  = scale * sum_j dS_j K_j             (attention._attention_dq)
+    dX    = sum_h dQ_h Wq[head]                in the same program, then
+    dWq   = dQ^T X,  dWo = dY^T O              two cuBLAS GEMMs over all tokens
+    dbq, dbo                                   fp32 per-program partial sums
+    dK, dV                                     attention's dK/dV kernel, with q and dO
+                                               recomputed from x and dY
+Only dQ (for the dWq GEMM) and dX are written. The weight gradients are GEMMs over
+B*N tokens with [C, C] results; accumulating them in the kernel instead would need
+either 2C^2 fp32 of partials per program (at C = 64 and 64 query rows, 1 KB a token,
+more than everything else) or [C, C] register accumulators per head.
+
+Why LN1 and the residual add stay outside (bench/notes/attention_fusion.md counts
+it): the model already fuses each residual add into the LayerNorm that follows it,
+and LN1's output must reach memory anyway for the spatial reduction, so moving either
+into this kernel saves no bytes.
+
+Past C = 128 the [C, C] weights no longer fit beside the tiles: ``fused_attention``
+then runs q_proj and o_proj through cuBLAS around the plain attention core.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import reference
+from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
+from .attention import (
+    LOG2E,
+    Tile,
+    _LOG2E,
+    _accumulate_dkdv,
+    _attend,
+    _attention_dq,
+    _head_base,
+    _key_block_split_and_head,
+    _layout,
+    _load_tile,
+    _query_block_and_head,
+    _store_key_partials,
+    _store_tile,
+    block_d,
+    efficient_attention,
+    kernel_signature,
+    key_gradient_partials,
+    launch_configs,
+    launch_tiled,
+    sum_key_partials,
+)
+from .compile_check import CompileTarget
+
+MAX_FUSED_CHANNELS = 128
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM: tl.constexpr):
+    """Wq[head]^T as a [BLOCK_C, BLOCK_D] tile and bq[head] as fp32 [BLOCK_D]."""
+    w_t = _load_tile(WQ + head * HEAD_DIM * C, chans, C, 1, dims, HEAD_DIM, C)
+    bias = tl.load(BQ + head * HEAD_DIM + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
+    return w_t, bias
+
+
+@triton.jit
+def _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION: tl.constexpr):
+    """q = x Wq[head]^T + bq[head] for one token tile, in x's dtype as q_proj writes it.
+    Rows past N are set to zero rather than to the bias, so that their scores are zero
+    and everything computed from them stays finite."""
+    q = tl.dot(x, w_t, input_precision=INPUT_PRECISION) + bias[None, :]
+    return tl.where(rows[:, None] < N, q, 0.0).to(x.dtype)
+
+
+@triton.jit
+def _output_weight(WO, head, C, chans, dims, HEAD_DIM: tl.constexpr):
+    """Wo[:, head] as a [BLOCK_C, BLOCK_D] tile."""
+    return _load_tile(WO + head * HEAD_DIM, chans, C, C, dims, HEAD_DIM, 1)
+
+
+@triton.jit
+def _fused_attention_forward_kernel(
+    X, WQ, BQ, K, V, WO, BO, Y, O, LSE,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    N, M, C, heads, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
+    SAVE_FOR_BACKWARD: tl.constexpr,
+):
+    """One program per (query block, batch), all heads. X, Y, O are contiguous
+    ([B, N, C]; O as [B, N, h, d]); qk_scale = scale * log2(e)."""
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    C = multiple_of(C, ALIGN)
+    pid_n, batch = _query_block_and_head(N, BLOCK_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    chans = tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    tokens = batch.to(tl.int64) * N * C
+
+    x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for head in range(heads):
+        w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
+        q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
+        k_base = _head_base(K, batch, head, stride_kb, stride_kh)
+        v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+        out, lse = _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+                           HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        # o reaches o_proj in the input dtype, as the unfused core writes it
+        out = out.to(x.dtype)
+        if SAVE_FOR_BACKWARD:
+            _store_tile(O + tokens + head * HEAD_DIM, out, rows, N, C, dims, HEAD_DIM, 1)
+            tl.store(LSE + tl.cast(batch * heads + head, tl.int64) * N + rows, lse, mask=rows < N)
+        w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
+        acc = tl.dot(out, tl.trans(w_o), acc, input_precision=INPUT_PRECISION)
+    acc += tl.load(BO + chans, mask=chans < C, other=0.0).to(tl.float32)[None, :]
+    _store_tile(Y + tokens, acc, rows, N, C, chans, C, 1)
+
+
+@triton.jit
+def _fused_attention_backward_dx_kernel(
+    X, WQ, BQ, K, V, WO, O, DY, LSE, DELTA, DQ, DX, DBQ, DBO,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    N, M, C, heads, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
+):
+    """One program per (query block, batch), all heads: per head dO from dY, delta =
+    rowsum(dO * O) (stored for the dK/dV kernel), dQ (stored for the dWq GEMM) and its
+    share of dX; then dX, and this program's column sums of dQ and dY into row
+    ``program`` of the fp32 bias-gradient partials DBQ and DBO [programs, C]."""
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    C = multiple_of(C, ALIGN)
+    pid_n, batch = _query_block_and_head(N, BLOCK_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    chans = tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    tokens = batch.to(tl.int64) * N * C
+    partials = tl.program_id(0).to(tl.int64) * C
+
+    x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
+    dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+    dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for head in range(heads):
+        w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
+        q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
+        do = tl.dot(dy, _output_weight(WO, head, C, chans, dims, HEAD_DIM), input_precision=INPUT_PRECISION)
+        do = do.to(dy.dtype)
+        o = _load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        stats = tl.cast(batch * heads + head, tl.int64) * N + rows
+        tl.store(DELTA + stats, delta, mask=rows < N)
+        lse2 = tl.load(LSE + stats, mask=rows < N, other=0.0) * _LOG2E
+        k_base = _head_base(K, batch, head, stride_kb, stride_kh)
+        v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+        # Rows past N have q = 0, lse = 0 and dO = 0, so their dQ is exactly zero.
+        dq = scale * _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd,
+                                   M, qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        _store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
+        tl.store(DBQ + partials + head * HEAD_DIM + dims, tl.sum(dq, 0), mask=dims < HEAD_DIM)
+        dx = tl.dot(dq.to(x.dtype), tl.trans(w_t), dx, input_precision=INPUT_PRECISION)
+    _store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
+    tl.store(DBO + partials + chans, tl.sum(dy.to(tl.float32), 0), mask=chans < C)
+
+
+@triton.jit
+def _fused_attention_backward_dkdv_kernel(
+    X, WQ, BQ, K, V, WO, DY, LSE, DELTA, DK, DV,
+    stride_kb, stride_km, stride_kh, stride_kd,
+    stride_vb, stride_vm, stride_vh, stride_vd,
+    stride_ds, stride_db, stride_dm, stride_dh, stride_dd,
+    N, M, C, heads, rows_per_split, scale, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
+):
+    """attention's dK/dV program (key block, query split, batch*head), with each query
+    tile's q and dO recomputed from x and dY instead of read."""
+    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
+    )
+    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
+    )
+    stride_ds = multiple_of(stride_ds, ALIGN)
+    stride_db, stride_dm, stride_dh, stride_dd = _layout(
+        stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
+    )
+    C = multiple_of(C, ALIGN)
+    pid_m, split, pid_bh = _key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
+    batch = pid_bh // heads
+    head = pid_bh % heads
+    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    chans = tl.arange(0, BLOCK_C)
+    dims = tl.arange(0, BLOCK_D)
+    row_range = tl.arange(0, BLOCK_N)
+    tokens = batch.to(tl.int64) * N * C
+    stats_base = pid_bh.to(tl.int64) * N
+
+    k = _load_tile(_head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
+    v = _load_tile(_head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+    w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
+    w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
+
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, N)
+    # Rows past N: q = 0 (see _project_queries), dO = 0, lse = delta = 0, so they add
+    # nothing (as in attention's dK/dV kernel).
+    for start_n in range(row_start, row_end, BLOCK_N):
+        rows = start_n + row_range
+        x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
+        q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
+        dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+        do = tl.dot(dy, w_o, input_precision=INPUT_PRECISION).to(dy.dtype)
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
+        dk, dv = _accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
+
+    _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+                        stride_dd, keys, M, dims, HEAD_DIM)
+
+
+KERNELS = {
+    "forward": _fused_attention_forward_kernel,
+    "backward_dx": _fused_attention_backward_dx_kernel,
+    "backward_dkdv": _fused_attention_backward_dkdv_kernel,
+}
+
+
+# --------------------------------------------------------------------------- launch configurations
+
+# Autotune candidates by BLOCK_C (channels up to 64, up to 128) for 16-bit inputs; fp32
+# gets one small set per dot precision, and inputs without alignment hints one more.
+# Tile(query rows, key rows, warps, stages). Each compiles with zero spills for sm_80
+# and sm_90 (compile_targets() lists them all).
+HALF_TILES = {
+    "forward": {64: (Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)), 128: (Tile(64, 64, 8, 2),)},
+    "backward_dx": {64: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2)), 128: (Tile(64, 32, 8, 2),)},
+    "backward_dkdv": {64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 2)), 128: (Tile(32, 64, 8, 2),)},
+}
+TF32_TILES = {
+    "forward": (Tile(64, 32, 4, 2),),
+    "backward_dx": (Tile(32, 32, 4, 2),),
+    "backward_dkdv": (Tile(32, 32, 8, 2),),
+}
+IEEE_TILES = {
+    "forward": (Tile(32, 16, 8, 2),),
+    "backward_dx": (Tile(32, 16, 4, 2),),
+    "backward_dkdv": (Tile(16, 16, 8, 2),),
+}
+GENERIC_TILES = IEEE_TILES
+
+
+def _block_c(channels: int) -> int:
+    return max(16, triton.next_power_of_2(channels))
+
+
+def tiles(kernel: str, channels: int, dtype: torch.dtype, input_precision: str, aligned: bool) -> tuple[Tile, ...]:
+    if not aligned:
+        return GENERIC_TILES[kernel]
+    if dtype == torch.float32:
+        return (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
+    return HALF_TILES[kernel][64 if channels <= 64 else 128]
+
+
+def _constexprs(x: Tensor, k: Tensor, v: Tensor, input_precision: str) -> dict[str, object]:
+    """HEAD_DIM, BLOCK_D, BLOCK_C, INPUT_PRECISION and the layout hints: ALIGN = 16 when
+    C and every stride of k and v but the head dim's are multiples of 16 and the head
+    dim is contiguous (the projections' outputs), else no hints."""
+    channels, head_dim = x.shape[-1], k.shape[-1]
+    aligned = (
+        k.stride(-1) == 1 and v.stride(-1) == 1
+        and alignment(channels, *k.stride()[:-1], *v.stride()[:-1]) == 16
+    )
+    return {
+        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
+        "INPUT_PRECISION": input_precision, "ALIGN": 16 if aligned else 1, "CONTIGUOUS_D": aligned,
+    }
+
+
+def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor) -> None:
+    configs = _configs(kernel, constexprs, x)
+    key = ("M", "C", "HEAD_DIM", "INPUT_PRECISION") + tuple(name for name in ("SAVE_FOR_BACKWARD",) if name in constexprs)
+    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, key)
+
+
+def _configs(kernel: str, constexprs: dict, x: Tensor) -> tuple[Tile, ...]:
+    aligned = constexprs["ALIGN"] == 16
+    return launch_configs(tiles(kernel, x.shape[-1], x.dtype, constexprs["INPUT_PRECISION"], aligned))
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _query_grid(n: int, batch: int):
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * batch,)
+
+    return grid
+
+
+def _forward(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
+    scale: float, input_precision: str, save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    batch, n, channels = x.shape
+    m, heads, head_dim = k.shape[1:]
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    if save_for_backward:
+        out = torch.empty((batch, n, heads, head_dim), dtype=x.dtype, device=x.device)
+        lse = torch.empty((batch, heads, n), dtype=torch.float32, device=x.device)
+    else:  # never written: SAVE_FOR_BACKWARD=False compiles the stores out
+        out = x.new_empty(0)
+        lse = x.new_empty(0, dtype=torch.float32)
+    args = (
+        x, q_weight.contiguous(), q_bias, k, v, out_weight.contiguous(), out_bias, y, out, lse,
+        *k.stride(), *v.stride(), n, m, channels, heads, scale * LOG2E,
+    )
+    constexprs = {**_constexprs(x, k, v, input_precision), "SAVE_FOR_BACKWARD": save_for_backward}
+    _launch("forward", _query_grid(n, batch), args, constexprs, x)
+    return y, out, lse
+
+
+def _backward(
+    grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
+    out: Tensor, lse: Tensor, scale: float, input_precision: str,
+) -> tuple[Tensor, ...]:
+    batch, n, channels = x.shape
+    m, heads, _ = k.shape[1:]
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    q_weight, out_weight = q_weight.contiguous(), out_weight.contiguous()
+    grad_q = torch.empty_like(x)
+    grad_x = torch.empty_like(x)
+    delta = torch.empty((batch, heads, n), dtype=torch.float32, device=x.device)
+    constexprs = _constexprs(x, k, v, input_precision)
+    # One row per program, sized for the smallest tile the autotuner may pick and zeroed,
+    # so that the rows a larger tile leaves unused add nothing to the sums.
+    programs = triton.cdiv(n, min(t.block_n for t in _configs("backward_dx", constexprs, x))) * batch
+    partial_q_bias = torch.zeros((programs, channels), dtype=torch.float32, device=x.device)
+    partial_out_bias = torch.zeros_like(partial_q_bias)
+    dx_args = (
+        x, q_weight, q_bias, k, v, out_weight, out, grad_y, lse, delta, grad_q, grad_x,
+        partial_q_bias, partial_out_bias, *k.stride(), *v.stride(), n, m, channels, heads, scale, scale * LOG2E,
+    )
+    _launch("backward_dx", _query_grid(n, batch), dx_args, constexprs, x)
+
+    rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
+    splits = partial_k.shape[0]
+
+    def dkdv_grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * splits * batch * heads,)
+
+    dkdv_args = (
+        x, q_weight, q_bias, k, v, out_weight, grad_y, lse, delta, partial_k, partial_v,
+        *k.stride(), *v.stride(), *partial_k.stride(), n, m, channels, heads, rows_per_split, scale, scale * LOG2E,
+    )
+    _launch("backward_dkdv", dkdv_grid, dkdv_args, constexprs, x)
+    grad_k, grad_v = sum_key_partials(partial_k, partial_v, k.dtype)
+
+    tokens_x, tokens_dq = x.reshape(-1, channels), grad_q.reshape(-1, channels)
+    grad_q_weight = tokens_dq.t() @ tokens_x
+    grad_out_weight = grad_y.reshape(-1, channels).t() @ out.reshape(-1, channels)
+    grad_q_bias = partial_q_bias.sum(0).to(q_bias.dtype)
+    grad_out_bias = partial_out_bias.sum(0).to(q_bias.dtype)
+    return grad_x, grad_q_weight, grad_q_bias, grad_k, grad_v, grad_out_weight, grad_out_bias
+
+
+# --------------------------------------------------------------------------- compile targets
+
+_TENSOR_POINTERS = {"X", "WQ", "BQ", "K", "V", "WO", "BO", "Y", "O", "DY", "DQ", "DX", "DK", "DV"}
+_STAT_POINTERS = {"LSE", "DELTA", "DBQ", "DBO"}  # fp32 row statistics and bias-gradient partials
+_CONSTEXPRS = {
+    "HEAD_DIM", "BLOCK_D", "BLOCK_C", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D",
+    "SAVE_FOR_BACKWARD",
+}
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# (C, heads) of stages 1-2 of every variant: B0 32/1 and 64/2, B1-B5 64/1 and 128/2.
+STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
+
+
+def compile_targets() -> list[CompileTarget]:
+    """Every (kernel, config, dtype, stage shape, dot precision, layout) the launcher can
+    launch on a GPU; the forward with and without the saved outputs, dK/dV also with
+    fp32 partial buffers for 16-bit inputs."""
+    targets = []
+    for (dtype, element), (channels, heads), aligned in itertools.product(
+        _DTYPE_NAMES.items(), STAGE_SHAPES, (True, False)
+    ):
+        head_dim = channels // heads
+        precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
+        for kernel_name, precision in itertools.product(KERNELS, precisions):
+            variants = {"forward": ((), ("saved",)), "backward_dkdv": ((),) + ((("partials",),) if dtype != torch.float32 else ())}
+            for tile, variant in itertools.product(
+                tiles(kernel_name, channels, dtype, precision, aligned), variants.get(kernel_name, ((),))
+            ):
+                constexprs = {
+                    "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
+                    "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision,
+                    "ALIGN": 16 if aligned else 1, "CONTIGUOUS_D": aligned,
+                }
+                if kernel_name == "forward":
+                    constexprs["SAVE_FOR_BACKWARD"] = "saved" in variant
+                fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if "partials" in variant else set())
+                targets.append(CompileTarget(
+                    name=f"fused_attention_{kernel_name}",
+                    kernel=KERNELS[kernel_name],
+                    signature=kernel_signature(KERNELS[kernel_name], dtype, _TENSOR_POINTERS, fp32_pointers,
+                                               _CONSTEXPRS),
+                    constexprs=constexprs,
+                    num_warps=tile.num_warps,
+                    num_stages=tile.num_stages,
+                    config=f"{element} C={channels} h={heads} N{tile.block_n} M{tile.block_m} w{tile.num_warps} "
+                    f"s{tile.num_stages} {precision} align{16 if aligned else 1}" + "".join(f" {v}" for v in variant),
+                ))
+    return targets
+
+
+# --------------------------------------------------------------------------- autograd op
+
+
+@torch.library.custom_op("segformer::fused_attention", mutates_args=())
+def _fused_attention_op(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
+    scale: float, input_precision: str, save_for_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y [B, N, C], o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); o and the
+    log-sum-exp are what the backward needs, empty unless ``save_for_backward``."""
+    return _forward(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision, save_for_backward)
+
+
+@_fused_attention_op.register_fake
+def _fused_attention_op_fake(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision,
+                             save_for_backward):
+    batch, n, _ = x.shape
+    heads, head_dim = k.shape[2:]
+    if not save_for_backward:
+        return x.new_empty(x.shape), x.new_empty(0), x.new_empty(0, dtype=torch.float32)
+    return (
+        x.new_empty(x.shape), x.new_empty((batch, n, heads, head_dim)),
+        x.new_empty((batch, heads, n), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("segformer::fused_attention_backward", mutates_args=())
+def _fused_attention_backward_op(
+    grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
+    out: Tensor, lse: Tensor, scale: float, input_precision: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _backward(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale, input_precision)
+
+
+@_fused_attention_backward_op.register_fake
+def _fused_attention_backward_op_fake(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale,
+                                      input_precision):
+    return tuple(t.new_empty(t.shape) for t in (x, q_weight, q_bias, k, v, out_weight, q_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, q_weight, q_bias, k, v, out_weight, _, scale, input_precision, _ = inputs
+    _, out, lse = output
+    ctx.save_for_backward(x, q_weight, q_bias, k, v, out_weight, out, lse)
+    ctx.scale = scale
+    ctx.input_precision = input_precision
+    ctx.mark_non_differentiable(out, lse)
+
+
+def _fused_attention_op_backward(ctx, grad_y, _grad_out, _grad_lse):
+    grads = _fused_attention_backward_op(grad_y, *ctx.saved_tensors, ctx.scale, ctx.input_precision)
+    return (*grads, None, None, None)
+
+
+_fused_attention_op.register_autograd(_fused_attention_op_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
+
+
+def fused_attention(
+    x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
+    scale: float | None = None, *, input_precision: str | None = None,
+) -> Tensor:
+    """o_proj(attention(q_proj(x), k, v)) on the Triton kernels: x [B, N, C], k and v
+    [B, M, h, d] (any strides, h * d = C), weights [C, C], biases [C] -> [B, N, C].
+
+    Inputs are assumed checked (``segformer_kernels.fused_attention`` checks them);
+    ``input_precision`` as in ``attention.efficient_attention``."""
+    heads, head_dim = k.shape[2:]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if x.shape[-1] > MAX_FUSED_CHANNELS:
+        return reference.projected_attention(
+            x, q_weight, q_bias, k, v, out_weight, out_bias, scale,
+            attention=lambda q, k, v, scale: efficient_attention(q, k, v, scale, input_precision=input_precision),
+        )
+    input_precision = resolve_input_precision(x.dtype, input_precision)
+    inputs = (x, q_weight, q_bias, k, v, out_weight, out_bias)
+    # o and the log-sum-exp are written only when a backward can follow
+    save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    y, _, _ = _fused_attention_op(*inputs, scale, input_precision, save_for_backward)
+    return y
