@@ -144,6 +144,22 @@ def attention_inputs(stage, batch, make):
     )
 
 
+def kv_views(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v [B, M, heads, d] as strided views of the kv projection's [B, M, 2C] output,
+    as the model takes them (DESIGN.md section 4): no copy before the attention core."""
+    batch, keys, width = kv.shape
+    kv = kv.view(batch, keys, 2, heads, width // (2 * heads))
+    return kv[:, :, 0], kv[:, :, 1]
+
+
+def fused_attention_inputs(stage, batch, make):
+    """LN1'd tokens x, q_proj, k and v (views of one [B, M, 2C] tensor laid out as the kv
+    GEMM writes it; their gradients are the views' own), o_proj."""
+    c = stage.channels
+    k, v = kv_views(make(batch, stage.keys, 2 * c), stage.heads)
+    return (make.tokens(stage, batch, c), *make.linear(c, c), k, v, *make.linear(c, c))
+
+
 def spatial_reduction_inputs(stage, batch, make):
     c, sr = stage.channels, stage.sr
     return (
@@ -208,15 +224,12 @@ def attention_half_block(t: OpTable, x, hw, heads, ln_w, ln_b, q_w, q_b, kv_w, k
                          sr_w=None, sr_b=None, sr_ln_w=None, sr_ln_b=None):
     """x + o_proj(attention(q_proj(LN1(x)), kv(SR(LN1(x))))): the attention half of a
     SegFormer block (drop-path off), written once and run with each provider's ops.
-    k and v come from one C -> 2C GEMM as strided views, as DESIGN.md section 4 plans."""
-    batch, tokens, channels = x.shape
-    head_dim = channels // heads
+    k and v come from one C -> 2C GEMM as strided views; q_proj, the core and o_proj
+    are one fused_attention call, as in the model."""
     normed = t.layer_norm(x, ln_w, ln_b, BLOCK_EPS)
-    q = F.linear(normed, q_w, q_b).view(batch, tokens, heads, head_dim)
     reduced = normed if sr_w is None else t.spatial_reduction(normed, hw, sr_w, sr_b, sr_ln_w, sr_ln_b, BLOCK_EPS)
-    kv = F.linear(reduced, kv_w, kv_b).view(batch, reduced.shape[1], 2, heads, head_dim)
-    o = t.efficient_attention(q, kv[:, :, 0], kv[:, :, 1])
-    return x + F.linear(o.reshape(batch, tokens, channels), o_w, o_b)
+    k, v = kv_views(F.linear(reduced, kv_w, kv_b), heads)
+    return x + t.fused_attention(normed, q_w, q_b, k, v, o_w, o_b)
 
 
 def mix_ffn_block(t: OpTable, x, hw, ln_w, ln_b, fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b):
@@ -247,9 +260,13 @@ def decode_head_flops(s: Stage, b: int) -> int:
     return 2 * b * s.tokens * DECODER_WIDTH[s.variant] * NUM_CLASSES  # the 1x1 classifier at stage-1 size
 
 
+def fused_attention_flops(s: Stage, b: int) -> int:
+    return 2 * 2 * b * s.tokens * s.channels**2 + attention_flops(s, b)  # q_proj and o_proj around the core
+
+
 def attention_block_flops(s: Stage, b: int) -> int:
-    projections = 2 * b * s.tokens * s.channels**2 * 2 + 2 * b * s.keys * s.channels * 2 * s.channels
-    return projections + reduction_flops(s, b) + attention_flops(s, b)
+    kv_projection = 2 * b * s.keys * s.channels * 2 * s.channels
+    return kv_projection + reduction_flops(s, b) + fused_attention_flops(s, b)
 
 
 @dataclass(frozen=True)
@@ -289,6 +306,8 @@ class KernelOp:
 KERNEL_OPS = (
     KernelOp("efficient_attention", ("efficient_attention",), attention_inputs,
              lambda t, *a: t.efficient_attention(*a), attention_flops, uses_attention=True),
+    KernelOp("fused_attention", ("fused_attention",), fused_attention_inputs,
+             lambda t, *a: t.fused_attention(*a), fused_attention_flops, uses_attention=True),
     KernelOp("spatial_reduction", ("spatial_reduction",), spatial_reduction_inputs,
              lambda t, *a: t.spatial_reduction(*a), reduction_flops, needs_reduction=True),
     KernelOp("dwconv_gelu", ("dwconv_gelu",), dwconv_gelu_inputs, lambda t, *a: t.dwconv_gelu(*a), dwconv_flops),
@@ -297,7 +316,7 @@ KERNEL_OPS = (
     KernelOp("add_layer_norm", ("layer_norm",), add_layer_norm_inputs, lambda t, *a: t.layer_norm(*a), lambda s, b: 0),
     KernelOp("decode_head", ("decode_head",), decode_head_inputs, lambda t, *a: t.decode_head(*a), decode_head_flops,
              inference_only=True, per_image=True),
-    KernelOp("attention_block", ("layer_norm", "spatial_reduction", "efficient_attention"), attention_block_inputs,
+    KernelOp("attention_block", ("layer_norm", "spatial_reduction", "fused_attention"), attention_block_inputs,
              attention_half_block, attention_block_flops, uses_attention=True),
     KernelOp("mix_ffn_block", ("layer_norm", "mix_ffn"), mix_ffn_block_inputs, mix_ffn_block, mix_ffn_flops),
 )

@@ -2,7 +2,9 @@
 
 eager    the reference path (segformer_kernels.reference): explicit scores and softmax,
          NCHW round trips for the depthwise conv, as Hugging Face's eager SegFormer does;
-sdpa     the reference with attention through F.scaled_dot_product_attention;
+sdpa     the reference with the attention core (of efficient_attention and of
+         fused_attention, whose projections stay as they are) through
+         F.scaled_dot_product_attention;
 compile  torch.compile of the reference (max-autotune on a GPU);
 fused    segformer_kernels' public ops with kernels="triton" for every op that has a
          Triton kernel (the reference for the rest; rows name which is which);
@@ -25,13 +27,20 @@ from segformer_kernels._backend import INTERPRET, TRITON_IMPLEMENTATIONS, triton
 
 from .core import CompileSpec, Skip
 
-PUBLIC_OPS = ("layer_norm", "spatial_reduction", "efficient_attention", "dwconv_gelu", "mix_ffn", "decode_head")
+PUBLIC_OPS = (
+    "layer_norm", "spatial_reduction", "efficient_attention", "fused_attention", "dwconv_gelu", "mix_ffn", "decode_head",
+)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """reference.efficient_attention through SDPA: [B, N, h, d] in and out (transposed views)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
+
+
+def sdpa_fused_attention(x, q_weight, q_bias, k, v, out_weight, out_bias, scale=None) -> torch.Tensor:
+    """reference.fused_attention with SDPA as its core: the projections stay the reference's."""
+    return reference.projected_attention(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, sdpa_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +50,7 @@ class OpTable:
     layer_norm: Callable
     spatial_reduction: Callable
     efficient_attention: Callable
+    fused_attention: Callable
     dwconv_gelu: Callable
     mix_ffn: Callable
     decode_head: Callable
@@ -48,7 +58,7 @@ class OpTable:
 
 
 EAGER = OpTable(**{op: getattr(reference, op) for op in PUBLIC_OPS})
-SDPA = dataclasses.replace(EAGER, efficient_attention=sdpa_attention)
+SDPA = dataclasses.replace(EAGER, efficient_attention=sdpa_attention, fused_attention=sdpa_fused_attention)
 
 
 def triton_kernels() -> tuple[str, ...]:
@@ -105,7 +115,8 @@ def compiled(fn: Callable, spec: CompileSpec, device: torch.device, fullgraph: b
 @contextlib.contextmanager
 def sdpa_everywhere():
     """Route every reference attention call (the model's included: ops.py dispatches
-    through ``reference.<op>``) to SDPA for the duration; yields a one-element call
+    through ``reference.<op>``, and reference.fused_attention looks its core up in the
+    module at call time) to SDPA for the duration; yields a one-element call
     counter so the caller can check the model really went through it."""
     calls = [0]
     original = reference.efficient_attention

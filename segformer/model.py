@@ -344,19 +344,21 @@ class SegFormer(nn.Module):
         return features, grids
 
     def _attention(self, attn: EfficientSelfAttention, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        batch, tokens, channels = x.shape
-        head_dim = channels // attn.heads
-        q = F.linear(x, attn.q.weight, attn.q.bias).view(batch, tokens, attn.heads, head_dim)
+        """proj(attention(q(x), k(r), v(r))), r = SR(x) (or x when sr = 1); q, the attention
+        output and proj run as one op (``sk.fused_attention``)."""
+        batch, _, channels = x.shape
+        reduced = x
         if attn.sr_ratio > 1:
-            x = sk.spatial_reduction(
+            reduced = sk.spatial_reduction(
                 x, grid, attn.sr.weight, attn.sr.bias, attn.sr_norm.weight, attn.sr_norm.bias,
                 self.config.embed_norm_eps, kernels=self.kernels,
             )
-        keys = x.shape[1]
-        k = F.linear(x, attn.k.weight, attn.k.bias).view(batch, keys, attn.heads, head_dim)
-        v = F.linear(x, attn.v.weight, attn.v.bias).view(batch, keys, attn.heads, head_dim)
-        out = sk.efficient_attention(q, k, v, kernels=self.kernels)
-        return F.linear(out.reshape(batch, tokens, channels), attn.proj.weight, attn.proj.bias)
+        heads_shape = (reduced.shape[1], attn.heads, channels // attn.heads)
+        k = F.linear(reduced, attn.k.weight, attn.k.bias).view(batch, *heads_shape)
+        v = F.linear(reduced, attn.v.weight, attn.v.bias).view(batch, *heads_shape)
+        return sk.fused_attention(
+            x, attn.q.weight, attn.q.bias, k, v, attn.proj.weight, attn.proj.bias, kernels=self.kernels
+        )
 
     def _mix_ffn(self, mlp: MixFFN, x: Tensor, grid: tuple[int, int]) -> Tensor:
         return sk.mix_ffn(

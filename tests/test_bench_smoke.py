@@ -18,7 +18,7 @@ from bench.core import ROW_FIELDS, CompileSpec, Context, make_row, read_rows, wr
 from bench.e2e import e2e_items
 from bench.measure import Memory, Timing
 from bench.ops import KERNEL_OPS, Maker, Stage, benchmark_stages
-from bench.providers import EAGER
+from bench.providers import EAGER, SDPA
 from bench.report import performance_markdown, write_performance, write_report
 from bench.roofline import Ceilings
 from bench.suite import Options, run
@@ -65,11 +65,13 @@ def test_smoke_run_writes_rows_report_and_plots(tmp_path):
         for mode in op.modes:
             case = op.case(benchmark_stages(smoke=True)[0])
             assert by_id[f"kernel/{op.name}/{case}/eager/{mode}"]["status"] == "ok"
+            if op.uses_attention:
+                assert by_id[f"kernel/{op.name}/{case}/sdpa/{mode}"]["status"] == "ok"
             fused = by_id[f"kernel/{op.name}/{case}/fused/{mode}"]
             # where every kernel an op needs exists, the interpreter really ran it
             if all(triton_implementation(k) is not None for k in op.kernels):
                 assert fused["status"] == "ok", fused["note"]
-                assert fused["note"].startswith("Triton: ")
+                assert fused["note"] == "Triton: " + ", ".join(op.kernels)
     mix_fwd = by_id[f"kernel/mix_ffn/{op.case(benchmark_stages(smoke=True)[0])}/eager/fwd"]
     assert mix_fwd["saved_activation_bytes"] > 0
     assert {r["mode"] for r in rows if r["suite"] == "e2e" and r["status"] == "ok"} == {"inference", "train_step"}
@@ -104,6 +106,19 @@ def test_flop_formulas_match_torch_flop_counter(op, stage):
     with counter:
         torch.autograd.grad(outputs, leaves, [torch.randn_like(o) for o in outputs])
     assert counter.get_total_flops() == 2 * op.forward_flops(stage, batch)
+
+
+@pytest.mark.parametrize("op", [op for op in KERNEL_OPS if op.uses_attention], ids=lambda op: op.name)
+def test_sdpa_provider_computes_the_reference_through_sdpa(op, monkeypatch):
+    stage = FLOP_STAGES[1]  # several heads
+    inputs = op.inputs(stage, 2, Maker(torch.device("cpu"), torch.float64))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    out = op.call(SDPA, *inputs)
+    assert calls, f"{op.name}: the sdpa provider never called F.scaled_dot_product_attention"
+    torch.testing.assert_close(out, op.call(EAGER, *inputs))
 
 
 def test_budget_skips_then_merge_fills_in(tmp_path):

@@ -58,7 +58,7 @@ def batch(device, size: int = 2):
 
 
 def ops_on_triton(device) -> list[str]:
-    ops = ("efficient_attention", "spatial_reduction", "mix_ffn", "layer_norm")
+    ops = ("fused_attention", "spatial_reduction", "mix_ffn", "layer_norm")
     return [op for op in ops if triton_runs_on(device) and triton_implementation(op) is not None]
 
 

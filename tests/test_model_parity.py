@@ -115,13 +115,31 @@ def test_logits_and_loss_match_transformers(preset, batch):
     assert_close(loss, expected.loss, torch.float32, "loss")
 
 
-def test_training_step_matches_transformers():
+@pytest.fixture
+def transformers_softmax_in_input_dtype(monkeypatch):
+    """transformers' eager attention takes its softmax in fp32 even in an fp64 model
+    (``softmax(..., dtype=torch.float32)``), a ~1e-8 relative error: run its attention
+    function with the softmax in the scores' own dtype instead."""
+    modeling = pytest.importorskip("transformers.models.segformer.modeling_segformer")
+    eager_attention = modeling.eager_attention_forward
+    softmax = torch.nn.functional.softmax
+
+    def in_input_dtype(*args, **kwargs):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.functional, "softmax", lambda x, dim, dtype=None: softmax(x, dim))
+            return eager_attention(*args, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", in_input_dtype)
+
+
+def test_training_step_matches_transformers(transformers_softmax_in_input_dtype):
     """Train mode with dropout and drop path off: the same logits, loss, BatchNorm running
     statistics and gradient for every parameter (the decoder fold's included).
 
-    In fp64: training-mode BatchNorm over a batch of two small maps is ill-conditioned
-    enough that fp32 rounding alone moved the first layer's gradient by ~2e-3 on some
-    random draws; fp64 compares the two functions, not their rounding."""
+    In fp64, with transformers' softmax in fp64 too: training-mode BatchNorm over a batch of
+    two small maps is ill-conditioned enough that a 1e-8 difference in the forward (fp32
+    rounding, or transformers' fp32 softmax) moved some gradients by up to ~1e-2 on some
+    random draws; this compares the two functions, not their rounding."""
     config = SegFormerConfig.preset("b0", num_labels=5, drop_path_rate=0.0, classifier_dropout_prob=0.0)
     hf = random_hf_model(config).train().double()
     model = ours_from(hf).double()
