@@ -20,6 +20,27 @@ def test_attention_matches_sdpa():
     torch.testing.assert_close(reference.efficient_attention(q, k, v, scale=0.3), scaled)
 
 
+def test_fused_attention_is_multi_head_attention_with_projections():
+    """nn.MultiheadAttention with separate q/k/v projections (k and v given as identity
+    maps, since fused_attention takes them projected) and the output projection."""
+    batch, n, m, heads, head_dim = 2, 29, 7, 3, 8
+    channels = heads * head_dim
+    mha = torch.nn.MultiheadAttention(channels, heads, batch_first=True).double()
+    with torch.no_grad():  # the packed [3C, C] in_proj: rows q, k, v
+        mha.in_proj_weight[channels:] = torch.eye(channels).repeat(2, 1)
+        mha.in_proj_bias[channels:].zero_()
+        mha.in_proj_bias[:channels].normal_()
+        mha.out_proj.bias.normal_()
+    x = torch.randn(batch, n, channels, dtype=torch.float64)
+    k = torch.randn(batch, m, channels, dtype=torch.float64)
+    v = torch.randn(batch, m, channels, dtype=torch.float64)
+    expected, _ = mha(x, k, v, need_weights=False)
+    out = reference.fused_attention(
+        x, mha.in_proj_weight[:channels], mha.in_proj_bias[:channels], k.unflatten(-1, (heads, head_dim)),
+        v.unflatten(-1, (heads, head_dim)), mha.out_proj.weight, mha.out_proj.bias,
+    )
+    torch.testing.assert_close(out, expected)
+
 @pytest.mark.parametrize("hw,sr", [((16, 16), 8), ((17, 11), 4), ((9, 8), 8), ((7, 5), 2), ((6, 9), 3)])
 def test_spatial_reduction_matches_strided_conv(hw, sr):
     height, width = hw
