@@ -392,10 +392,14 @@ INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 # dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
 # fp32 ("ieee") dots run on the FMA units, need far more registers and are for tests, so
 # they get one small config. Every one compiles with zero spills for sm_80 and sm_90 at
-# d = 16, 32, 64, 128 (compile_targets() lists them for `python -m
-# segformer_kernels.compile_check`; ptxas's register allocation is not monotonic in the
-# tile size, so each set is what passed, not a rule) and fits sm_80's shared memory. The 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the
-# size of Hopper's wgmma tile. Tile(query rows, key rows, warps, stages).
+# d = 16, 32, 64, 128 under triton 3.6 (the GPU image's) and 3.9 (compile_targets()
+# lists them for `python -m segformer_kernels.compile_check`) and fits sm_80's shared
+# memory. ptxas's allocation is not monotonic in the tile size and differs between the
+# two ptxas versions: the small dK/dV tiles spill a few predicate registers at some
+# warp/stage counts, and the 16-bit 64 x 64 dK/dV tile sits at 255 registers on sm_80,
+# spilling with 1 or 2 stages but not 3. So each set is what passed, not a rule. The
+# 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the size of Hopper's
+# wgmma tile. Tile(query rows, key rows, warps, stages).
 HALF_TILES = {
     "forward": {
         64: (Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3)),
@@ -406,7 +410,7 @@ HALF_TILES = {
         128: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
     },
     "backward_dkdv": {
-        64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 2), Tile(32, 128, 8, 2)),
+        64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 3), Tile(32, 128, 8, 2)),
         128: (Tile(64, 64, 8, 2), Tile(32, 64, 8, 2)),
     },
 }
@@ -418,7 +422,7 @@ TF32_TILES = {
 IEEE_TILES = {
     "forward": (Tile(32, 16, 8, 2),),
     "backward_dq": (Tile(32, 16, 4, 2),),
-    "backward_dkdv": (Tile(16, 16, 8, 2),),
+    "backward_dkdv": (Tile(16, 16, 4, 2),),
 }
 # Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
 # head-dim slice, d not a multiple of 16) run without layout hints: every element is its
@@ -426,7 +430,7 @@ IEEE_TILES = {
 GENERIC_TILES = {
     "forward": (Tile(32, 32, 8, 2),),
     "backward_dq": (Tile(32, 16, 4, 2),),
-    "backward_dkdv": (Tile(32, 16, 8, 2),),
+    "backward_dkdv": (Tile(16, 16, 4, 1),),
 }
 
 

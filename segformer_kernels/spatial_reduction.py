@@ -325,9 +325,12 @@ def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
 
 
 def _input_grad_config(out_channels: int, channels: int, exact_fp32: bool = False) -> dict:
-    """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step."""
-    block_k = max(16, min(32 if exact_fp32 else 64, triton.next_power_of_2(out_channels)))
+    """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step.
+    BLOCK_K is at most BLOCK_C: a narrow channel block (32 for C = 160) with 64-wide K
+    steps spilled for fp32 on sm_80 under triton 3.6, while the 32 x 32 step is the
+    tile C = 32 uses, which compiles without spills for every dtype and both archs."""
     block_c = _channel_block(channels, 64)
+    block_k = max(16, min(32 if exact_fp32 else 64, block_c, triton.next_power_of_2(out_channels)))
     return {"BLOCK_M": 32 if exact_fp32 else 64, "BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
 
 
