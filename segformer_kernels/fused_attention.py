@@ -28,8 +28,10 @@ it): the model already fuses each residual add into the LayerNorm that follows i
 and LN1's output must reach memory anyway for the spatial reduction, so moving either
 into this kernel saves no bytes.
 
-Past C = 128 the [C, C] weights no longer fit beside the tiles: ``fused_attention``
-then runs q_proj and o_proj through cuBLAS around the plain attention core.
+Where the kernels run is ``fused_kernels_run``: C <= 128 (past that the [C, C] weights
+no longer fit beside the tiles) with C and d multiples of 16 (aligned rows; every
+SegFormer stage), and exact fp32 dots only up to C = 64. Elsewhere ``fused_attention``
+runs q_proj and o_proj through cuBLAS around the plain attention core.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from .attention import (
 from .compile_check import CompileTarget
 
 MAX_FUSED_CHANNELS = 128
+MAX_EXACT_FP32_CHANNELS = 64
 
 
 # --------------------------------------------------------------------------- kernels
@@ -97,6 +100,15 @@ def _output_weight(WO, head, C, chans, dims, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A per-query-tile program's batch, token rows, channel and head-dim ranges, and the
+    offset of its batch's [N, C] tokens (1-D grid, query blocks fastest)."""
+    pid_n, batch = _query_block_and_head(N, BLOCK_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return batch, rows, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D), batch.to(tl.int64) * N * C
+
+
+@triton.jit
 def _fused_attention_forward_kernel(
     X, WQ, BQ, K, V, WO, BO, Y, O, LSE,
     stride_kb, stride_km, stride_kh, stride_kd,
@@ -116,11 +128,7 @@ def _fused_attention_forward_kernel(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
     C = multiple_of(C, ALIGN)
-    pid_n, batch = _query_block_and_head(N, BLOCK_N)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    chans = tl.arange(0, BLOCK_C)
-    dims = tl.arange(0, BLOCK_D)
-    tokens = batch.to(tl.int64) * N * C
+    batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
 
     x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
@@ -163,19 +171,16 @@ def _fused_attention_backward_dx_kernel(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
     C = multiple_of(C, ALIGN)
-    pid_n, batch = _query_block_and_head(N, BLOCK_N)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    chans = tl.arange(0, BLOCK_C)
-    dims = tl.arange(0, BLOCK_D)
-    tokens = batch.to(tl.int64) * N * C
+    batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
     partials = tl.program_id(0).to(tl.int64) * C
 
-    x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
-    dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+    # x, dY and the weights are loaded inside the head loop and again where needed after
+    # the key loop (L1/L2 hits) rather than held in registers across it.
     dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
-        q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
+        q = _project_queries(_load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
+        dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
         do = tl.dot(dy, _output_weight(WO, head, C, chans, dims, HEAD_DIM), input_precision=INPUT_PRECISION)
         do = do.to(dy.dtype)
         o = _load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
@@ -190,8 +195,10 @@ def _fused_attention_backward_dx_kernel(
                                    M, qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         _store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
         tl.store(DBQ + partials + head * HEAD_DIM + dims, tl.sum(dq, 0), mask=dims < HEAD_DIM)
-        dx = tl.dot(dq.to(x.dtype), tl.trans(w_t), dx, input_precision=INPUT_PRECISION)
+        w_q = _load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
+        dx = tl.dot(dq.to(w_q.dtype), w_q, dx, input_precision=INPUT_PRECISION)
     _store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
+    dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
     tl.store(DBO + partials + chans, tl.sum(dy.to(tl.float32), 0), mask=chans < C)
 
 
@@ -263,52 +270,92 @@ KERNELS = {
 
 # --------------------------------------------------------------------------- launch configurations
 
-# Autotune candidates by BLOCK_C (channels up to 64, up to 128) for 16-bit inputs; fp32
-# gets one small set per dot precision, and inputs without alignment hints one more.
-# Tile(query rows, key rows, warps, stages). Each compiles with zero spills for sm_80
-# and sm_90 (compile_targets() lists them all).
+# Every table maps a kernel to {(BLOCK_C, BLOCK_D): autotune candidates}; a shape takes
+# the set of the smallest listed shape that covers it (so a set listed only under
+# (128, 64) serves every stage). Tile(query rows, key rows, warps, stages). Every
+# candidate listed for a stage shape compiles with zero spills for sm_80 and sm_90 under
+# triton 3.6 and 3.9 (compile_targets() lists them), except where a comment says no tile
+# can. ptxas's register use is far from monotonic in the tile size (it also trades
+# registers for occupancy on its own), so each set is what passed, not a rule.
+
+# 16-bit inputs, by the stage shapes of STAGE_SHAPES: (C, heads) = (32, 1), (64, 1),
+# (64, 2), (128, 2). Query tiles of 64+ rows where they fit (sm_90 takes HGMMA only for
+# dots of 64+ rows). backward_dx at d = 64 holds dX, q, dO and the dQ accumulator
+# across the key loop, and there every 64-row tile tried spills (at C = 64 on sm_80
+# only), so it gets 32- and 16-row tiles. dK/dV wants 64+ key rows for HGMMA.
 HALF_TILES = {
-    "forward": {64: (Tile(64, 64, 4, 2), Tile(128, 64, 8, 2)), 128: (Tile(64, 64, 8, 2),)},
-    "backward_dx": {64: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2)), 128: (Tile(64, 32, 8, 2),)},
-    "backward_dkdv": {64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 2)), 128: (Tile(32, 64, 8, 2),)},
+    "forward": {
+        (32, 32): (Tile(128, 64, 8, 2), Tile(64, 64, 8, 2), Tile(64, 32, 4, 2)),
+        (64, 64): (Tile(64, 32, 4, 2), Tile(128, 32, 8, 2), Tile(64, 32, 8, 2)),
+        (64, 32): (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
+        (128, 64): (Tile(64, 16, 8, 2), Tile(32, 64, 8, 2), Tile(32, 32, 4, 2)),
+    },
+    "backward_dx": {
+        (32, 32): (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
+        (64, 64): (Tile(32, 32, 8, 2), Tile(32, 64, 8, 2), Tile(32, 32, 4, 2)),
+        (64, 32): (Tile(64, 32, 4, 2), Tile(64, 32, 8, 2), Tile(64, 16, 8, 2)),
+        (128, 64): (Tile(32, 32, 8, 1), Tile(32, 64, 8, 1), Tile(16, 64, 8, 2)),
+    },
+    "backward_dkdv": {
+        (32, 32): (Tile(64, 64, 4, 2), Tile(64, 128, 8, 2), Tile(32, 64, 4, 2)),
+        (64, 64): (Tile(32, 64, 4, 2), Tile(32, 128, 8, 2), Tile(32, 64, 8, 2)),
+        (64, 32): (Tile(64, 64, 4, 2), Tile(64, 128, 8, 2), Tile(64, 64, 8, 2)),
+        (128, 64): (Tile(32, 64, 8, 2), Tile(16, 64, 4, 2), Tile(32, 32, 4, 2)),
+    },
 }
+# fp32 with tf32 dots: one config per kernel, clean at every stage shape. fp32 tiles
+# take twice the registers of 16-bit ones, hence 8 warps and 16-32 query rows.
 TF32_TILES = {
-    "forward": (Tile(64, 32, 4, 2),),
-    "backward_dx": (Tile(32, 32, 4, 2),),
-    "backward_dkdv": (Tile(32, 32, 8, 2),),
+    "forward": {(128, 64): (Tile(32, 32, 8, 2),)},
+    "backward_dx": {(128, 64): (Tile(16, 32, 8, 3),)},
+    "backward_dkdv": {(128, 64): (Tile(32, 32, 8, 2),)},
 }
+# fp32 with exact dots (FMA units; the tests' path). An FMA tl.dot holds each thread's
+# rows and columns of both operands over the whole reduction, so the C-long projections
+# need the smallest tiles. Past C = 64 forward and backward_dx spill with every tile
+# tried (C = 128, triton 3.6: 170 B and more; 3.9: forward 64 B and more on sm_90), so
+# exact fp32 stops at MAX_EXACT_FP32_CHANNELS (fused_kernels_run).
 IEEE_TILES = {
-    "forward": (Tile(32, 16, 8, 2),),
-    "backward_dx": (Tile(32, 16, 4, 2),),
-    "backward_dkdv": (Tile(16, 16, 8, 2),),
+    "forward": {(64, 64): (Tile(16, 16, 8, 2),)},
+    "backward_dx": {(32, 32): (Tile(16, 32, 8, 1),), (64, 64): (Tile(16, 16, 8, 1),)},
+    "backward_dkdv": {(64, 64): (Tile(16, 16, 8, 1),)},
 }
-GENERIC_TILES = IEEE_TILES
-
-
 def _block_c(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))
 
 
-def tiles(kernel: str, channels: int, dtype: torch.dtype, input_precision: str, aligned: bool) -> tuple[Tile, ...]:
-    if not aligned:
-        return GENERIC_TILES[kernel]
+def tiles(kernel: str, channels: int, head_dim: int, dtype: torch.dtype, input_precision: str) -> tuple[Tile, ...]:
+    """The configs the launcher autotunes over on a GPU."""
     if dtype == torch.float32:
-        return (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
-    return HALF_TILES[kernel][64 if channels <= 64 else 128]
+        table = (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
+    else:
+        table = HALF_TILES[kernel]
+    shape = (_block_c(channels), block_d(head_dim))
+    larger = [s for s in table if s[0] >= shape[0] and s[1] >= shape[1]]
+    return table[min(larger) if larger else max(table)]
 
 
-def _constexprs(x: Tensor, k: Tensor, v: Tensor, input_precision: str) -> dict[str, object]:
-    """HEAD_DIM, BLOCK_D, BLOCK_C, INPUT_PRECISION and the layout hints: ALIGN = 16 when
-    C and every stride of k and v but the head dim's are multiples of 16 and the head
-    dim is contiguous (the projections' outputs), else no hints."""
+def fused_kernels_run(channels: int, head_dim: int, input_precision: str) -> bool:
+    """Whether the fused kernels take this shape (compile_targets() lists these): C up to
+    MAX_FUSED_CHANNELS with C and d multiples of 16, so that token and weight rows load as
+    aligned vectors (without those hints, every tile tried spills at C = 128), and exact
+    fp32 dots only up to MAX_EXACT_FP32_CHANNELS. Everything else, SegFormer's stages 3-4
+    among it, runs the projections through cuBLAS around the attention kernel."""
+    if channels > MAX_FUSED_CHANNELS or channels % 16 or head_dim % 16:
+        return False
+    return input_precision != "ieee" or channels <= MAX_EXACT_FP32_CHANNELS
+
+
+def _aligned(t: Tensor) -> bool:
+    """Head dim contiguous and every other stride a multiple of 16 elements."""
+    return t.stride(-1) == 1 and alignment(*t.stride()[:-1]) == 16
+
+
+def _constexprs(x: Tensor, k: Tensor, input_precision: str) -> dict[str, object]:
     channels, head_dim = x.shape[-1], k.shape[-1]
-    aligned = (
-        k.stride(-1) == 1 and v.stride(-1) == 1
-        and alignment(channels, *k.stride()[:-1], *v.stride()[:-1]) == 16
-    )
     return {
         "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
-        "INPUT_PRECISION": input_precision, "ALIGN": 16 if aligned else 1, "CONTIGUOUS_D": aligned,
+        "INPUT_PRECISION": input_precision, "ALIGN": 16, "CONTIGUOUS_D": True,
     }
 
 
@@ -319,8 +366,7 @@ def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor) -> None:
 
 
 def _configs(kernel: str, constexprs: dict, x: Tensor) -> tuple[Tile, ...]:
-    aligned = constexprs["ALIGN"] == 16
-    return launch_configs(tiles(kernel, x.shape[-1], x.dtype, constexprs["INPUT_PRECISION"], aligned))
+    return launch_configs(tiles(kernel, x.shape[-1], constexprs["HEAD_DIM"], x.dtype, constexprs["INPUT_PRECISION"]))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -351,7 +397,7 @@ def _forward(
         x, q_weight.contiguous(), q_bias, k, v, out_weight.contiguous(), out_bias, y, out, lse,
         *k.stride(), *v.stride(), n, m, channels, heads, scale * LOG2E,
     )
-    constexprs = {**_constexprs(x, k, v, input_precision), "SAVE_FOR_BACKWARD": save_for_backward}
+    constexprs = {**_constexprs(x, k, input_precision), "SAVE_FOR_BACKWARD": save_for_backward}
     _launch("forward", _query_grid(n, batch), args, constexprs, x)
     return y, out, lse
 
@@ -367,7 +413,7 @@ def _backward(
     grad_q = torch.empty_like(x)
     grad_x = torch.empty_like(x)
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=x.device)
-    constexprs = _constexprs(x, k, v, input_precision)
+    constexprs = _constexprs(x, k, input_precision)
     # One row per program, sized for the smallest tile the autotuner may pick and zeroed,
     # so that the rows a larger tile leaves unused add nothing to the sums.
     programs = triton.cdiv(n, min(t.block_n for t in _configs("backward_dx", constexprs, x))) * batch
@@ -414,24 +460,24 @@ STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
 
 
 def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype, stage shape, dot precision, layout) the launcher can
-    launch on a GPU; the forward with and without the saved outputs, dK/dV also with
-    fp32 partial buffers for 16-bit inputs."""
+    """Every (kernel, config, dtype, stage shape, dot precision) the launcher can launch
+    on a GPU; the forward with and without the saved outputs, dK/dV also with fp32
+    partial buffers for 16-bit inputs."""
     targets = []
-    for (dtype, element), (channels, heads), aligned in itertools.product(
-        _DTYPE_NAMES.items(), STAGE_SHAPES, (True, False)
-    ):
+    for (dtype, element), (channels, heads) in itertools.product(_DTYPE_NAMES.items(), STAGE_SHAPES):
         head_dim = channels // heads
         precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
         for kernel_name, precision in itertools.product(KERNELS, precisions):
+            if not fused_kernels_run(channels, head_dim, precision):
+                continue
             variants = {"forward": ((), ("saved",)), "backward_dkdv": ((),) + ((("partials",),) if dtype != torch.float32 else ())}
             for tile, variant in itertools.product(
-                tiles(kernel_name, channels, dtype, precision, aligned), variants.get(kernel_name, ((),))
+                tiles(kernel_name, channels, head_dim, dtype, precision), variants.get(kernel_name, ((),))
             ):
                 constexprs = {
                     "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
                     "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision,
-                    "ALIGN": 16 if aligned else 1, "CONTIGUOUS_D": aligned,
+                    "ALIGN": 16, "CONTIGUOUS_D": True,
                 }
                 if kernel_name == "forward":
                     constexprs["SAVE_FOR_BACKWARD"] = "saved" in variant
@@ -445,7 +491,7 @@ def compile_targets() -> list[CompileTarget]:
                     num_warps=tile.num_warps,
                     num_stages=tile.num_stages,
                     config=f"{element} C={channels} h={heads} N{tile.block_n} M{tile.block_m} w{tile.num_warps} "
-                    f"s{tile.num_stages} {precision} align{16 if aligned else 1}" + "".join(f" {v}" for v in variant),
+                    f"s{tile.num_stages} {precision}" + "".join(f" {v}" for v in variant),
                 ))
     return targets
 
@@ -521,12 +567,15 @@ def fused_attention(
     ``input_precision`` as in ``attention.efficient_attention``."""
     heads, head_dim = k.shape[2:]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    if x.shape[-1] > MAX_FUSED_CHANNELS:
+    input_precision = resolve_input_precision(x.dtype, input_precision)
+    if not fused_kernels_run(x.shape[-1], head_dim, input_precision):
         return reference.projected_attention(
             x, q_weight, q_bias, k, v, out_weight, out_bias, scale,
             attention=lambda q, k, v, scale: efficient_attention(q, k, v, scale, input_precision=input_precision),
         )
-    input_precision = resolve_input_precision(x.dtype, input_precision)
+    # The kernels assume aligned k and v (fused_kernels_run); the projections' outputs
+    # are, and copying the M reduced tokens otherwise costs little.
+    k, v = (t if _aligned(t) else t.contiguous() for t in (k, v))
     inputs = (x, q_weight, q_bias, k, v, out_weight, out_bias)
     # o and the log-sum-exp are written only when a backward can follow
     save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

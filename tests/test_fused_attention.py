@@ -88,12 +88,32 @@ def test_matches_reference(shape, dtype, device, poisoned_allocations):
 
 
 def test_shapes_cover_the_paths():
-    """split_partials must really split the dK/dV query rows, C160 must be past the fused
-    width, and every other shape within it."""
+    """split_partials must really split the dK/dV query rows; C24 (d not a multiple of
+    16) and C160 (past the fused width) take the cuBLAS-projection path, every other
+    shape the fused kernels (fp32 at C = 128 too with tf32 dots, but not with exact ones)."""
     batch, n, m, heads, _ = ODD_SHAPES["split_partials"]
     assert attention._query_split_rows(batch * heads, n, m) < n
     for name, (_, _, _, heads, head_dim) in {**STAGE_SHAPES, **ODD_SHAPES}.items():
-        assert (heads * head_dim > fused.MAX_FUSED_CHANNELS) == name.startswith("C160")
+        fused_path = not name.startswith(("C24", "C160"))
+        assert fused.fused_kernels_run(heads * head_dim, head_dim, "tf32") == fused_path
+        assert fused.fused_kernels_run(heads * head_dim, head_dim, "ieee") == (fused_path and heads * head_dim <= 64)
+
+
+def test_unaligned_key_values_are_copied_for_the_kernels(device, poisoned_allocations):
+    """k and v slices of a [B, M, 2C + 8] tensor (token stride not a multiple of 16)."""
+    batch, n, m, heads, head_dim = 2, 37, 6, 2, 16
+    channels = heads * head_dim
+    inputs, _ = _inputs((batch, n, m, heads, head_dim), torch.float32, device, requires_grad=False)
+    wide = torch.randn(batch, m, 2 * channels + 8, device=device, requires_grad=True)
+    k, v = wide[..., : 2 * channels].unflatten(-1, (2, heads, head_dim)).unbind(2)
+    assert not fused._aligned(k)
+    out = fused.fused_attention(*inputs[:3], k, v, *inputs[5:], input_precision="ieee")
+    (grad,), upstream = grads(out, (wide,))
+    wide64 = wide.detach().double().requires_grad_()
+    k64, v64 = wide64[..., : 2 * channels].unflatten(-1, (2, heads, head_dim)).unbind(2)
+    ref = reference.fused_attention(*(t.double() for t in inputs[:3]), k64, v64, *(t.double() for t in inputs[5:]))
+    assert_close(out, ref, torch.float32)
+    assert_close(grad, torch.autograd.grad(ref, wide64, upstream.double())[0], torch.float32, "gradient of k/v")
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
