@@ -30,7 +30,7 @@ into this kernel saves no bytes.
 
 Where the kernels run is ``fused_kernels_run``: C <= 128 (past that the [C, C] weights
 no longer fit beside the tiles) with C and d multiples of 16 (aligned rows; every
-SegFormer stage), and exact fp32 dots only up to C = 64. Elsewhere ``fused_attention``
+SegFormer stage), and fp32 only up to C = 64. Elsewhere ``fused_attention``
 runs q_proj and o_proj through cuBLAS around the plain attention core.
 """
 
@@ -70,7 +70,7 @@ from .attention import (
 from .compile_check import CompileTarget
 
 MAX_FUSED_CHANNELS = 128
-MAX_EXACT_FP32_CHANNELS = 64
+MAX_FP32_CHANNELS = 64
 
 
 # --------------------------------------------------------------------------- kernels
@@ -174,9 +174,8 @@ def _fused_attention_backward_dx_kernel(
     batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
     partials = tl.program_id(0).to(tl.int64) * C
 
-    # x, dY and the weights are loaded inside the head loop and again where needed after
-    # the key loop (L1/L2 hits) rather than held in registers across it.
-    dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    # x, dY and the weights are loaded where needed (L1/L2 hits) rather than held in
+    # registers across the key loop.
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
         q = _project_queries(_load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
@@ -195,8 +194,16 @@ def _fused_attention_backward_dx_kernel(
                                    M, qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         _store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
         tl.store(DBQ + partials + head * HEAD_DIM + dims, tl.sum(dq, 0), mask=dims < HEAD_DIM)
+    # dX = sum_h dQ_h Wq[head], from the dQ tiles just stored (in the input dtype, as the
+    # dX GEMM would read them; L1/L2 hits) rather than from a [BLOCK_N, BLOCK_C] fp32
+    # accumulator kept live through every key loop, which forced 32-row tiles at C >= 64.
+    # The barrier: other threads of this program stored those elements.
+    tl.debug_barrier()
+    dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for head in range(heads):
+        dq = _load_tile(DQ + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
         w_q = _load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
-        dx = tl.dot(dq.to(w_q.dtype), w_q, dx, input_precision=INPUT_PRECISION)
+        dx = tl.dot(dq, w_q, dx, input_precision=INPUT_PRECISION)
     _store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
     dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
     tl.store(DBO + partials + chans, tl.sum(dy.to(tl.float32), 0), mask=chans < C)
@@ -280,9 +287,10 @@ KERNELS = {
 
 # 16-bit inputs, by the stage shapes of STAGE_SHAPES: (C, heads) = (32, 1), (64, 1),
 # (64, 2), (128, 2). Query tiles of 64+ rows where they fit (sm_90 takes HGMMA only for
-# dots of 64+ rows). backward_dx at d = 64 holds dX, q, dO and the dQ accumulator
-# across the key loop, and there every 64-row tile tried spills (at C = 64 on sm_80
-# only), so it gets 32- and 16-row tiles. dK/dV wants 64+ key rows for HGMMA.
+# dots of 64+ rows). backward_dx at d = 64 holds q, dO and the dQ accumulator across
+# the key loop: at C = 64 one 64-row tile fits (255 registers on sm_80, no margin), at
+# C = 128 (two heads) every 64-row tile tried spills, so it gets 32- and 16-row tiles.
+# dK/dV wants 64+ key rows for HGMMA.
 HALF_TILES = {
     "forward": {
         (32, 32): (Tile(128, 64, 8, 2), Tile(64, 64, 8, 2), Tile(64, 32, 4, 2)),
@@ -292,9 +300,9 @@ HALF_TILES = {
     },
     "backward_dx": {
         (32, 32): (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
-        (64, 64): (Tile(32, 32, 8, 2), Tile(32, 64, 8, 2), Tile(32, 32, 4, 2)),
+        (64, 64): (Tile(64, 32, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 2)),
         (64, 32): (Tile(64, 32, 4, 2), Tile(64, 32, 8, 2), Tile(64, 16, 8, 2)),
-        (128, 64): (Tile(32, 32, 8, 1), Tile(32, 64, 8, 1), Tile(16, 64, 8, 2)),
+        (128, 64): (Tile(32, 32, 8, 1), Tile(32, 64, 8, 1)),
     },
     "backward_dkdv": {
         (32, 32): (Tile(64, 64, 4, 2), Tile(64, 128, 8, 2), Tile(32, 64, 4, 2)),
@@ -303,23 +311,23 @@ HALF_TILES = {
         (128, 64): (Tile(32, 64, 8, 2), Tile(16, 64, 4, 2), Tile(32, 32, 4, 2)),
     },
 }
-# fp32 with tf32 dots: one config per kernel, clean at every stage shape. fp32 tiles
-# take twice the registers of 16-bit ones, hence 8 warps and 16-32 query rows.
+# fp32 (up to MAX_FP32_CHANNELS, see fused_kernels_run): one config per kernel and dot
+# precision, clean at every shape. fp32 tiles take twice the registers of 16-bit ones,
+# hence 8 warps and 16-32 query rows. Exact ("ieee") dots run on the FMA units (the
+# tests' path), and an FMA tl.dot holds each thread's rows and columns of both operands
+# over the whole reduction, so the C-long projections need the smallest tiles.
 TF32_TILES = {
-    "forward": {(128, 64): (Tile(32, 32, 8, 2),)},
-    "backward_dx": {(128, 64): (Tile(16, 32, 8, 3),)},
-    "backward_dkdv": {(128, 64): (Tile(32, 32, 8, 2),)},
+    "forward": {(64, 64): (Tile(32, 32, 8, 2),)},
+    "backward_dx": {(64, 64): (Tile(16, 32, 8, 2),)},
+    "backward_dkdv": {(64, 64): (Tile(32, 32, 8, 2),)},
 }
-# fp32 with exact dots (FMA units; the tests' path). An FMA tl.dot holds each thread's
-# rows and columns of both operands over the whole reduction, so the C-long projections
-# need the smallest tiles. Past C = 64 forward and backward_dx spill with every tile
-# tried (C = 128, triton 3.6: 170 B and more; 3.9: forward 64 B and more on sm_90), so
-# exact fp32 stops at MAX_EXACT_FP32_CHANNELS (fused_kernels_run).
 IEEE_TILES = {
     "forward": {(64, 64): (Tile(16, 16, 8, 2),)},
-    "backward_dx": {(32, 32): (Tile(16, 32, 8, 1),), (64, 64): (Tile(16, 16, 8, 1),)},
+    "backward_dx": {(64, 64): (Tile(16, 32, 8, 1),)},
     "backward_dkdv": {(64, 64): (Tile(16, 16, 8, 1),)},
 }
+
+
 def _block_c(channels: int) -> int:
     return max(16, triton.next_power_of_2(channels))
 
@@ -335,15 +343,16 @@ def tiles(kernel: str, channels: int, head_dim: int, dtype: torch.dtype, input_p
     return table[min(larger) if larger else max(table)]
 
 
-def fused_kernels_run(channels: int, head_dim: int, input_precision: str) -> bool:
+def fused_kernels_run(channels: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether the fused kernels take this shape (compile_targets() lists these): C up to
     MAX_FUSED_CHANNELS with C and d multiples of 16, so that token and weight rows load as
-    aligned vectors (without those hints, every tile tried spills at C = 128), and exact
-    fp32 dots only up to MAX_EXACT_FP32_CHANNELS. Everything else, SegFormer's stages 3-4
-    among it, runs the projections through cuBLAS around the attention kernel."""
+    aligned vectors (without those hints, every tile tried spills at C = 128), and fp32
+    only up to MAX_FP32_CHANNELS (at C = 128 the fp32 backward spills with every tile
+    tried; fp32 is the accuracy path, not the fast one). Everything else, SegFormer's
+    stages 3-4 among it, runs the projections through cuBLAS around the attention kernel."""
     if channels > MAX_FUSED_CHANNELS or channels % 16 or head_dim % 16:
         return False
-    return input_precision != "ieee" or channels <= MAX_EXACT_FP32_CHANNELS
+    return dtype != torch.float32 or channels <= MAX_FP32_CHANNELS
 
 
 def _aligned(t: Tensor) -> bool:
@@ -466,10 +475,10 @@ def compile_targets() -> list[CompileTarget]:
     targets = []
     for (dtype, element), (channels, heads) in itertools.product(_DTYPE_NAMES.items(), STAGE_SHAPES):
         head_dim = channels // heads
+        if not fused_kernels_run(channels, head_dim, dtype):
+            continue
         precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
         for kernel_name, precision in itertools.product(KERNELS, precisions):
-            if not fused_kernels_run(channels, head_dim, precision):
-                continue
             variants = {"forward": ((), ("saved",)), "backward_dkdv": ((),) + ((("partials",),) if dtype != torch.float32 else ())}
             for tile, variant in itertools.product(
                 tiles(kernel_name, channels, head_dim, dtype, precision), variants.get(kernel_name, ((),))
@@ -568,7 +577,7 @@ def fused_attention(
     heads, head_dim = k.shape[2:]
     scale = head_dim**-0.5 if scale is None else float(scale)
     input_precision = resolve_input_precision(x.dtype, input_precision)
-    if not fused_kernels_run(x.shape[-1], head_dim, input_precision):
+    if not fused_kernels_run(x.shape[-1], head_dim, x.dtype):
         return reference.projected_attention(
             x, q_weight, q_bias, k, v, out_weight, out_bias, scale,
             attention=lambda q, k, v, scale: efficient_attention(q, k, v, scale, input_precision=input_precision),

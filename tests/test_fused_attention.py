@@ -90,13 +90,14 @@ def test_matches_reference(shape, dtype, device, poisoned_allocations):
 def test_shapes_cover_the_paths():
     """split_partials must really split the dK/dV query rows; C24 (d not a multiple of
     16) and C160 (past the fused width) take the cuBLAS-projection path, every other
-    shape the fused kernels (fp32 at C = 128 too with tf32 dots, but not with exact ones)."""
+    shape the fused kernels (in fp32 only up to C = 64)."""
     batch, n, m, heads, _ = ODD_SHAPES["split_partials"]
     assert attention._query_split_rows(batch * heads, n, m) < n
     for name, (_, _, _, heads, head_dim) in {**STAGE_SHAPES, **ODD_SHAPES}.items():
         fused_path = not name.startswith(("C24", "C160"))
-        assert fused.fused_kernels_run(heads * head_dim, head_dim, "tf32") == fused_path
-        assert fused.fused_kernels_run(heads * head_dim, head_dim, "ieee") == (fused_path and heads * head_dim <= 64)
+        channels = heads * head_dim
+        assert fused.fused_kernels_run(channels, head_dim, torch.float16) == fused_path
+        assert fused.fused_kernels_run(channels, head_dim, torch.float32) == (fused_path and channels <= 64)
 
 
 def test_unaligned_key_values_are_copied_for_the_kernels(device, poisoned_allocations):
