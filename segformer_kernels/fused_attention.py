@@ -13,7 +13,8 @@ forward moves 4C bytes (16-bit: x in, y out) where q_proj + core + o_proj move 1
 Training saves o and the row log-sum-exp (as the plain core does) and nothing else:
     dO_h  = dY Wo[:, head]                   recomputed per query tile
     dQ_h  = scale * sum_j dS_j K_j             (attention._attention_dq)
-    dX    = sum_h dQ_h Wq[head]                in the same program, then
+    dX    = sum_h dQ_h Wq[head]                in the same program (after the key
+                                               loops, from the dQ tiles it stored), then
     dWq   = dQ^T X,  dWo = dY^T O              two cuBLAS GEMMs over all tokens
     dbq, dbo                                   fp32 per-program partial sums
     dK, dV                                     attention's dK/dV kernel, with q and dO
