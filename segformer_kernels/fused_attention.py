@@ -371,8 +371,8 @@ def _constexprs(x: Tensor, k: Tensor, input_precision: str) -> dict[str, object]
 
 def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor) -> None:
     configs = _configs(kernel, constexprs, x)
-    key = ("M", "C", "HEAD_DIM", "INPUT_PRECISION") + tuple(name for name in ("SAVE_FOR_BACKWARD",) if name in constexprs)
-    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, key)
+    # the sizes a config choice depends on, and every constexpr (each is its own compile)
+    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, ("M", "C", *constexprs))
 
 
 def _configs(kernel: str, constexprs: dict, x: Tensor) -> tuple[Tile, ...]:
