@@ -27,7 +27,6 @@ recomputation costs in tensor-core time.
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 
@@ -37,7 +36,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ._backend import INTERPRET
-from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
+from ._triton_utils import (
+    INPUT_PRECISIONS,
+    INTERPRET_AUTOTUNE,
+    alignment,
+    kernel_launcher,
+    launch_autotuned,
+    multiple_of,
+    resolve_input_precision,
+)
 from .compile_check import CompileTarget
 
 LOG2E = 1.4426950408889634
@@ -383,7 +390,7 @@ KERNELS = {
     "backward_dkdv": _attention_backward_dkdv_kernel,
 }
 
-# The interpreter runs one config (autotuning needs a driver). Blocks of 32 keep the
+# The interpreter runs one config unless SK_INTERPRET_AUTOTUNE=1. Blocks of 32 keep the
 # tiny test shapes multi-block in both N and M.
 INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 
@@ -467,42 +474,31 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, 
     return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
 
 
-@functools.cache
-def _autotuned(kernel, configs: tuple[Tile, ...], key: tuple[str, ...]):
-    """``kernel`` autotuned over ``configs``, keyed on the arguments named in ``key`` (the
-    autotuner adds the tensor dtypes itself). The chosen config is cached for the
-    process, so repeated calls are bitwise reproducible."""
-    return triton.autotune(configs=[t.triton_config() for t in configs], key=list(key))(kernel)
-
-
 def launch_configs(configs: tuple[Tile, ...]) -> tuple[Tile, ...]:
-    """The configs a launch may use here: ``configs`` on a GPU, INTERPRETER_TILE under the
-    interpreter (autotuning needs a driver)."""
-    return (INTERPRETER_TILE,) if INTERPRET else configs
+    """The configs a launch may use here: ``configs`` on a GPU and when the interpreter
+    autotunes (SK_INTERPRET_AUTOTUNE=1), INTERPRETER_TILE in the plain interpreter."""
+    return (INTERPRETER_TILE,) if INTERPRET and not INTERPRET_AUTOTUNE else configs
 
 
-def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...]) -> None:
-    """Launch a kernel taking BLOCK_N/BLOCK_M tiles: with the one config given, or
-    autotuned over several (``configs`` from launch_configs)."""
-    if len(configs) == 1:
-        (tile,) = configs
-        kernel[grid](
-            *args, **constexprs, BLOCK_N=tile.block_n, BLOCK_M=tile.block_m,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )
-    else:
-        _autotuned(kernel, configs, key)[grid](*args, **constexprs)
+def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...], m: int,
+                 reset_to_zero: tuple[str, ...] = ()) -> None:
+    """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
+    autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
+    aspect ratio; see _triton_utils.launch_autotuned)."""
+    launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
 
 
-def _launch(kernel: str, grid, args, tensors, head_dim: int, input_precision: str) -> None:
+def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_precision: str) -> None:
     """Launch ``kernel`` over ``grid``; ``tensors`` are the [.., d] tensors it reads and
-    writes through strides (they decide the layout hints)."""
+    writes through strides (they decide the layout hints). Every output is fully written
+    by every config (dK/dV partials are per key block and query split, whose rows do not
+    depend on the tile), so the autotuner's benchmark runs leave nothing behind."""
     layout = _layout_of(*tensors)
     constexprs = {
         "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "INPUT_PRECISION": input_precision, **layout.constexprs()
     }
     configs = launch_configs(tiles(kernel, head_dim, tensors[0].dtype, input_precision, layout))
-    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, ("M", "HEAD_DIM", "INPUT_PRECISION"))
+    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, tuple(constexprs), m)
 
 
 def block_d(head_dim: int) -> int:
@@ -566,7 +562,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str
         return (triton.cdiv(n, meta["BLOCK_N"]) * batch * heads,)
 
     args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), n, m, heads, scale * LOG2E)
-    _launch("forward", grid, args, (q, k, v, out), head_dim, input_precision)
+    _launch("forward", grid, args, (q, k, v, out), head_dim, m, input_precision)
     return out, lse
 
 
@@ -587,7 +583,7 @@ def _backward(
         *qkv_strides, *out.stride(), *grad_out.stride(), *grad_q.stride(),
         n, m, heads, scale, scale * LOG2E,
     )
-    _launch("backward_dq", dq_grid, dq_args, (q, k, v, out, grad_out, grad_q), head_dim, input_precision)
+    _launch("backward_dq", dq_grid, dq_args, (q, k, v, out, grad_out, grad_q), head_dim, m, input_precision)
 
     rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
     splits = partial_k.shape[0]
@@ -600,7 +596,7 @@ def _backward(
         *qkv_strides, *grad_out.stride(), *partial_k.stride(),
         n, m, heads, rows_per_split, scale, scale * LOG2E,
     )
-    _launch("backward_dkdv", dkdv_grid, dkdv_args, (q, k, v, grad_out, partial_k), head_dim, input_precision)
+    _launch("backward_dkdv", dkdv_grid, dkdv_args, (q, k, v, grad_out, partial_k), head_dim, m, input_precision)
     return (grad_q, *sum_key_partials(partial_k, partial_v, k.dtype))
 
 
@@ -608,6 +604,7 @@ def _backward(
 
 
 @torch.library.custom_op("segformer::efficient_attention", mutates_args=())
+@kernel_launcher
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
     """Returns (o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); the second is kept for
     the backward and is not differentiable."""
@@ -621,6 +618,7 @@ def _attention_op_fake(q, k, v, scale, input_precision):
 
 
 @torch.library.custom_op("segformer::efficient_attention_backward", mutates_args=())
+@kernel_launcher
 def _attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
 ) -> tuple[Tensor, Tensor, Tensor]:

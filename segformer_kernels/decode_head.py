@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import INPUT_PRECISIONS, resolve_input_precision
+from ._triton_utils import INPUT_PRECISIONS, kernel_launcher, resolve_input_precision
 from .compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
@@ -177,6 +177,7 @@ def _block_config(classes: int) -> tuple[int, int, int, int]:
 
 
 @torch.library.custom_op("segformer::decode_head", mutates_args=())
+@kernel_launcher
 def _decode_head_op(
     maps: list[Tensor],
     hws: list[int],

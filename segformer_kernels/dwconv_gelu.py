@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import alignment, multiple_of
+from ._triton_utils import alignment, kernel_launcher, multiple_of
 from .compile_check import CompileTarget
 
 # Taps of the 3x3 stencil; the partial-sum buffer has one more row, for the bias gradient.
@@ -280,6 +280,7 @@ def dwconv_transpose(dpre: Tensor, src: Tensor, height: int, width: int, weight:
 # ---------------------------------------------------------------------------- autograd op
 
 @torch.library.custom_op("segformer::dwconv_gelu", mutates_args=())
+@kernel_launcher
 def _dwconv_gelu_op(x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
     batch, num_tokens, num_channels = x.shape
     y = dwconv_gelu_forward(x.reshape(-1, num_channels).contiguous(), height, width,
@@ -293,6 +294,7 @@ def _(x, height, width, weight, bias):
 
 
 @torch.library.custom_op("segformer::dwconv_gelu_backward", mutates_args=())
+@kernel_launcher
 def _dwconv_gelu_backward_op(
     grad: Tensor, x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
+from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
 from .attention import (
     LOG2E,
     Tile,
@@ -369,10 +369,10 @@ def _constexprs(x: Tensor, k: Tensor, input_precision: str) -> dict[str, object]
     }
 
 
-def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor) -> None:
+def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor, m: int, reset_to_zero: tuple[str, ...] = ()) -> None:
     configs = _configs(kernel, constexprs, x)
     # the sizes a config choice depends on, and every constexpr (each is its own compile)
-    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, ("M", "C", *constexprs))
+    launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, ("C", *constexprs), m, reset_to_zero)
 
 
 def _configs(kernel: str, constexprs: dict, x: Tensor) -> tuple[Tile, ...]:
@@ -408,7 +408,7 @@ def _forward(
         *k.stride(), *v.stride(), n, m, channels, heads, scale * LOG2E,
     )
     constexprs = {**_constexprs(x, k, input_precision), "SAVE_FOR_BACKWARD": save_for_backward}
-    _launch("forward", _query_grid(n, batch), args, constexprs, x)
+    _launch("forward", _query_grid(n, batch), args, constexprs, x, m)
     return y, out, lse
 
 
@@ -425,7 +425,10 @@ def _backward(
     delta = torch.empty((batch, heads, n), dtype=torch.float32, device=x.device)
     constexprs = _constexprs(x, k, input_precision)
     # One row per program, sized for the smallest tile the autotuner may pick and zeroed,
-    # so that the rows a larger tile leaves unused add nothing to the sums.
+    # so that the rows a larger tile leaves unused add nothing to the sums. The autotuner
+    # zeroes them again before each candidate's benchmark run and before the winner's
+    # run (reset_to_zero): a benchmark run of a smaller tile fills rows that the winner
+    # does not write.
     programs = triton.cdiv(n, min(t.block_n for t in _configs("backward_dx", constexprs, x))) * batch
     partial_q_bias = torch.zeros((programs, channels), dtype=torch.float32, device=x.device)
     partial_out_bias = torch.zeros_like(partial_q_bias)
@@ -433,7 +436,7 @@ def _backward(
         x, q_weight, q_bias, k, v, out_weight, out, grad_y, lse, delta, grad_q, grad_x,
         partial_q_bias, partial_out_bias, *k.stride(), *v.stride(), n, m, channels, heads, scale, scale * LOG2E,
     )
-    _launch("backward_dx", _query_grid(n, batch), dx_args, constexprs, x)
+    _launch("backward_dx", _query_grid(n, batch), dx_args, constexprs, x, m, reset_to_zero=("DBQ", "DBO"))
 
     rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
     splits = partial_k.shape[0]
@@ -445,7 +448,7 @@ def _backward(
         x, q_weight, q_bias, k, v, out_weight, grad_y, lse, delta, partial_k, partial_v,
         *k.stride(), *v.stride(), *partial_k.stride(), n, m, channels, heads, rows_per_split, scale, scale * LOG2E,
     )
-    _launch("backward_dkdv", dkdv_grid, dkdv_args, constexprs, x)
+    _launch("backward_dkdv", dkdv_grid, dkdv_args, constexprs, x, m)
     grad_k, grad_v = sum_key_partials(partial_k, partial_v, k.dtype)
 
     tokens_x, tokens_dq = x.reshape(-1, channels), grad_q.reshape(-1, channels)
@@ -510,6 +513,7 @@ def compile_targets() -> list[CompileTarget]:
 
 
 @torch.library.custom_op("segformer::fused_attention", mutates_args=())
+@kernel_launcher
 def _fused_attention_op(
     x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
     scale: float, input_precision: str, save_for_backward: bool,
@@ -533,6 +537,7 @@ def _fused_attention_op_fake(x, q_weight, q_bias, k, v, out_weight, out_bias, sc
 
 
 @torch.library.custom_op("segformer::fused_attention_backward", mutates_args=())
+@kernel_launcher
 def _fused_attention_backward_op(
     grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
     out: Tensor, lse: Tensor, scale: float, input_precision: str,

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._triton_utils import kernel_launcher
 from .compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
@@ -203,6 +204,7 @@ def _as_rows(t: Tensor, channels: int) -> Tensor:
 
 
 @torch.library.custom_op("segformer::layer_norm", mutates_args=())
+@kernel_launcher
 def _layer_norm_op(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -242,6 +244,7 @@ def _(x, weight, bias, eps, residual):
 
 
 @torch.library.custom_op("segformer::layer_norm_backward", mutates_args=())
+@kernel_launcher
 def _layer_norm_backward_op(
     grad_normed: Tensor, grad_summed: Optional[Tensor], summed: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:

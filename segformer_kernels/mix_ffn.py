@@ -37,7 +37,7 @@ from .dwconv_gelu import (
     gelu_grad,
     token_grid_position,
 )
-from ._triton_utils import alignment, multiple_of, resolve_input_precision
+from ._triton_utils import alignment, kernel_launcher, multiple_of, resolve_input_precision
 
 # Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
 # dwconv_gelu.HIDDEN_WIDTHS).
@@ -250,6 +250,7 @@ def fc2_input_grad(grad: Tensor, h: Tensor, height: int, width: int, dw_weight: 
 # ---------------------------------------------------------------------------- autograd op
 
 @torch.library.custom_op("segformer::mix_ffn", mutates_args=())
+@kernel_launcher
 def _mix_ffn_op(
     x: Tensor, height: int, width: int, fc1_weight: Tensor, fc1_bias: Tensor, dw_weight: Tensor,
     dw_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor, input_precision: str,
@@ -270,6 +271,7 @@ def _(x, height, width, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc
 
 
 @torch.library.custom_op("segformer::mix_ffn_backward", mutates_args=())
+@kernel_launcher
 def _mix_ffn_backward_op(
     grad: Tensor, hidden: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
     fc2_weight: Tensor, input_precision: str,

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import INPUT_PRECISIONS, alignment, multiple_of, resolve_input_precision
+from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
 from .compile_check import CompileTarget
 
 # Split the weight-gradient reduction over rows until about this many programs
@@ -464,6 +464,7 @@ def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_wei
 
 
 @torch.library.custom_op("segformer::spatial_reduction", mutates_args=())
+@kernel_launcher
 def _spatial_reduction_op(
     x: Tensor, hw: Sequence[int], weight: Tensor, bias: Tensor, ln_weight: Tensor, ln_bias: Tensor, eps: float,
     input_precision: str,
@@ -490,6 +491,7 @@ def _(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision):
 
 
 @torch.library.custom_op("segformer::spatial_reduction_backward", mutates_args=())
+@kernel_launcher
 def _spatial_reduction_backward_op(
     dy: Tensor, x: Tensor, hw: Sequence[int], weight: Tensor, ln_weight: Tensor, z: Tensor, mean: Tensor,
     rstd: Tensor, input_precision: str,
