@@ -126,16 +126,18 @@ INTERPRET_AUTOTUNE = INTERPRET and os.environ.get("SK_INTERPRET_AUTOTUNE", "0") 
 WINNER_CHOICES = ("largest", "smallest")
 
 
-def _tile_elements(config: triton.Config) -> tuple[int, int]:
-    block_sizes = [value for name, value in config.kwargs.items() if name.startswith("BLOCK_")]
-    return functools.reduce(lambda a, b: a * b, block_sizes, 1), config.num_warps
+def _tile_size(config: triton.Config) -> tuple:
+    """How large a candidate is: elements per tile, then its block sizes in order (the
+    first, query rows, decides partial-buffer rows), then warps."""
+    block_sizes = tuple(value for name, value in config.kwargs.items() if name.startswith("BLOCK"))
+    return functools.reduce(lambda a, b: a * b, block_sizes, 1), block_sizes, config.num_warps
 
 
 def autotune_winner(configs: Sequence[triton.Config]) -> int:
     """Index of the candidate the interpreter's autotuner makes win (SK_AUTOTUNE_WINNER)."""
     choice = os.environ.get("SK_AUTOTUNE_WINNER", "largest")
     if choice in WINNER_CHOICES:
-        sizes = [_tile_elements(c) for c in configs]
+        sizes = [_tile_size(c) for c in configs]
         return sizes.index(max(sizes) if choice == "largest" else min(sizes))
     if not choice.isdigit():
         raise ValueError(f"SK_AUTOTUNE_WINNER must be one of {WINNER_CHOICES} or a config index, got {choice!r}")

@@ -87,6 +87,17 @@ def test_matches_reference(shape, dtype, device, poisoned_allocations):
     _check(shape, dtype, device)
 
 
+@pytest.mark.parametrize("winner", ["largest", "smallest", "1"])
+def test_every_gradient_whichever_autotune_candidate_wins(winner, device, monkeypatch):
+    """The autotuner benchmarks every candidate on the live buffers before the winner's
+    run; the backward's per-program bias-gradient partials must hold only what the
+    winner wrote. "largest" is a 128-row query tile: fewer programs than the buffer has
+    rows, the rest filled by the 64-row candidates' benchmark runs unless reset."""
+    monkeypatch.setattr(attention, "INTERPRET_AUTOTUNE", True)
+    monkeypatch.setenv("SK_AUTOTUNE_WINNER", winner)
+    _check(STAGE_SHAPES["b0_stage1_C32"], torch.float16, device)
+
+
 def test_shapes_cover_the_paths():
     """split_partials must really split the dK/dV query rows; C24 (d not a multiple of
     16) and C160 (past the fused width) take the cuBLAS-projection path, every other
