@@ -46,18 +46,17 @@ def dot_precision(input_precision: str) -> str:
 
 
 def _torch_fp32_matmul_precision() -> str:
-    """"tf32" or "ieee", as torch's own fp32 matmuls run now. torch >= 2.9 has a new
-    setting (``torch.backends.cuda.matmul.fp32_precision``, which inherits from
-    ``torch.backends.fp32_precision`` while it says "none"); once either is set through
-    it, the legacy getter raises, so the new one is read first. torch.compile cannot
-    trace either getter, which is why this runs inside the custom ops (kernel_launcher)."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        precision = matmul.fp32_precision
-        if precision == "none":
-            precision = torch.backends.fp32_precision
-        return "tf32" if precision == "tf32" else "ieee"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    """"tf32" or "ieee", as torch's own fp32 CUDA matmuls run now. torch >= 2.9 has a new
+    setting, ``torch.backends.cuda.matmul.fp32_precision`` (which shows
+    ``torch.backends.fp32_precision`` while it is "none", and the legacy setting too);
+    once either is set through the new API the legacy getter raises, so the new one is
+    read first and the legacy one only where there is no new one or it says "none".
+    torch.compile cannot trace either getter, which is why this runs inside the custom
+    ops (kernel_launcher), when they run."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision == "none":
+        return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 @triton.jit

@@ -57,3 +57,49 @@ def grads(outputs: torch.Tensor, inputs, upstream: torch.Tensor | None = None):
     if upstream is None:
         upstream = torch.randn_like(outputs)
     return torch.autograd.grad(outputs, inputs, upstream, allow_unused=False), upstream
+
+
+def run_every_op(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
+    """One small forward and backward of every op on its Triton kernels (the decode head
+    forward only: it has no backward kernel), for tests and tools that must see every
+    kernel launch once. Returns the ops run."""
+    import segformer_kernels as sk
+
+    batch, height, width, channels, hidden, sr = 1, 5, 6, 32, 64, 2
+    tokens, keys = height * width, (height // sr) * (width // sr)
+
+    def make(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
+
+    def backward(out, inputs):
+        outputs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.grad(outputs, inputs, [torch.randn_like(o) for o in outputs])
+
+    x = make(batch, tokens, channels)
+    vector = functools.partial(make, channels, scale=0.5)
+    square = functools.partial(make, channels, channels, scale=channels**-0.5)
+    runs = {
+        "layer_norm": (lambda *a: sk.layer_norm(a[0], a[1], a[2], 1e-5, a[3], kernels="triton"),
+                       (x, vector(), vector(), make(batch, tokens, channels))),
+        "spatial_reduction": (lambda *a: sk.spatial_reduction(a[0], (height, width), *a[1:], 1e-5, kernels="triton"),
+                              (x, make(channels, channels, sr, sr, scale=0.1), vector(), vector(), vector())),
+        "efficient_attention": (lambda *a: sk.efficient_attention(*a, kernels="triton"),
+                                (make(batch, tokens, 1, channels), make(batch, keys, 1, channels),
+                                 make(batch, keys, 1, channels))),
+        "fused_attention": (lambda *a: sk.fused_attention(*a, kernels="triton"),
+                            (x, square(), vector(), make(batch, keys, 1, channels), make(batch, keys, 1, channels),
+                             square(), vector())),
+        "dwconv_gelu": (lambda *a: sk.dwconv_gelu(a[0], (height, width), *a[1:], kernels="triton"),
+                        (x, make(channels, 1, 3, 3, scale=0.3), vector())),
+        "mix_ffn": (lambda *a: sk.mix_ffn(a[0], (height, width), *a[1:], kernels="triton"),
+                    (x, make(hidden, channels, scale=0.2), make(hidden, scale=0.5), make(hidden, 1, 3, 3, scale=0.3),
+                     make(hidden, scale=0.5), make(channels, hidden, scale=0.1), vector())),
+    }
+    for op, inputs in runs.values():
+        backward(op(*inputs), inputs)
+    grids = [(height, width), (3, 3), (2, 2), (1, 1)]
+    with torch.no_grad():
+        maps = [make(batch, h * w, channels) for h, w in grids]
+        sk.decode_head(maps, grids, grids[0], vector(), vector(), make(19, channels, scale=0.2), make(19),
+                       kernels="triton")
+    return [*runs, "decode_head"]
