@@ -535,7 +535,8 @@ def _query_split_rows(batch_heads: int, n: int, m: int) -> int:
     most_splits = triton.cdiv(n, min_rows)
     wanted = triton.cdiv(DKDV_TARGET_PROGRAMS, triton.cdiv(m, DKDV_ESTIMATE_BLOCK_M) * batch_heads)
     splits = max(1, min(wanted, most_splits))
-    return triton.cdiv(triton.cdiv(n, splits), SPLIT_ALIGN) * SPLIT_ALIGN
+    # at least SPLIT_ALIGN: no query rows (n = 0) means no splits, not a division by zero
+    return max(SPLIT_ALIGN, triton.cdiv(triton.cdiv(n, splits), SPLIT_ALIGN) * SPLIT_ALIGN)
 
 
 def key_gradient_partials(k: Tensor, n: int) -> tuple[int, Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """The folded SegFormer decoder's inference tail in one pass over the output.
 
-logits = classifier(ReLU(scale * sum_i up(z_i) + shift)), with z_i the four stage
-maps after their composed projections (DESIGN.md section 4), still at their own low
+logits = classifier(ReLU(scale * sum_i up(z_i) + shift)), with z_i the stage
+maps (four in every SegFormer variant; the kernel reads one to four) after their composed projections (DESIGN.md section 4), still at their own low
 resolution in token layout [B, h_i*w_i, D], and up = bilinear resize to the output
 grid with align_corners=False.
 
@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import reference
 from ._triton_utils import INPUT_PRECISIONS, kernel_launcher, resolve_input_precision
 from .compile_check import CompileTarget
 
@@ -90,6 +91,7 @@ def _decode_head_kernel(
     out_w,
     classes,
     CHANNELS: tl.constexpr,
+    NUM_MAPS: tl.constexpr,
     FIRST_AT_OUTPUT_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -117,9 +119,13 @@ def _decode_head_kernel(
         m1_tl = pixel * CHANNELS
     else:
         m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy = _gather_plan(out_y, out_x, h1, w1, h1_per_out, w1_per_out, CHANNELS)
-    m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy = _gather_plan(out_y, out_x, h2, w2, h2_per_out, w2_per_out, CHANNELS)
-    m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy = _gather_plan(out_y, out_x, h3, w3, h3_per_out, w3_per_out, CHANNELS)
-    m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy = _gather_plan(out_y, out_x, h4, w4, h4_per_out, w4_per_out, CHANNELS)
+    # maps past NUM_MAPS (a model with fewer stages) are compiled out
+    if NUM_MAPS >= 2:
+        m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy = _gather_plan(out_y, out_x, h2, w2, h2_per_out, w2_per_out, CHANNELS)
+    if NUM_MAPS >= 3:
+        m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy = _gather_plan(out_y, out_x, h3, w3, h3_per_out, w3_per_out, CHANNELS)
+    if NUM_MAPS >= 4:
+        m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy = _gather_plan(out_y, out_x, h4, w4, h4_per_out, w4_per_out, CHANNELS)
 
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
     for start in range(0, CHANNELS, BLOCK_D):
@@ -131,9 +137,12 @@ def _decode_head_kernel(
             fused = fused.to(tl.float32)
         else:
             fused = _interpolate(map1_ptr + start, m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy, mask, BLOCK_D)
-        fused += _interpolate(map2_ptr + start, m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy, mask, BLOCK_D)
-        fused += _interpolate(map3_ptr + start, m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy, mask, BLOCK_D)
-        fused += _interpolate(map4_ptr + start, m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy, mask, BLOCK_D)
+        if NUM_MAPS >= 2:
+            fused += _interpolate(map2_ptr + start, m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy, mask, BLOCK_D)
+        if NUM_MAPS >= 3:
+            fused += _interpolate(map3_ptr + start, m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy, mask, BLOCK_D)
+        if NUM_MAPS >= 4:
+            fused += _interpolate(map4_ptr + start, m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy, mask, BLOCK_D)
         scale = tl.load(scale_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
         activated = tl.maximum(fused * scale[None, :] + shift[None, :], 0.0)
@@ -167,6 +176,9 @@ _BLOCK_D = 16
 # No software pipelining: it would stage every gathered tile in shared memory.
 _NUM_STAGES = 1
 _INT32_LIMIT = 2**31
+# Stage maps the kernel reads (SegFormer's four stages); models with more stages run
+# the reference (see decode_head).
+MAX_KERNEL_MAPS = 4
 
 
 def _block_config(classes: int) -> tuple[int, int, int, int]:
@@ -188,11 +200,13 @@ def _decode_head_op(
     cls_bias: Tensor,
     input_precision: str,
 ) -> Tensor:
-    """Logits [B, K, H, W]; ``hws`` is the four (h_i, w_i) flattened to eight ints."""
+    """Logits [B, K, H, W]; ``hws`` is the (h_i, w_i) of the 1-4 maps, flattened."""
     # The kernel indexes every tensor as contiguous; the model's maps (Linear
     # outputs) and parameters already are, so these copy nothing there.
     maps = [z.contiguous() for z in maps]
-    scale, shift, cls_weight, cls_bias = (t.contiguous() for t in (scale, shift, cls_weight, cls_bias))
+    # the folded BatchNorm in fp32 whatever its dtype (the kernel applies it in fp32)
+    scale, shift = (t.to(torch.float32).contiguous() for t in (scale, shift))
+    cls_weight, cls_bias = cls_weight.contiguous(), cls_bias.contiguous()
     batch, _, channels = maps[0].shape
     classes = cls_weight.shape[0]
     out_h, out_w = out_hw
@@ -203,13 +217,18 @@ def _decode_head_op(
     if classes * out_h * out_w >= _INT32_LIMIT:
         raise ValueError(f"decode_head: {classes} x {out_h} x {out_w} logits per image; the kernel needs < 2**31")
     out = torch.empty((batch, classes, out_h, out_w), dtype=maps[0].dtype, device=maps[0].device)
+    num_maps = len(maps)
+    # the kernel's unused map arguments: any valid pointer and a 1x1 grid, never read
+    unused = MAX_KERNEL_MAPS - num_maps
+    maps = maps + [maps[0]] * unused
+    hws = list(hws) + [1, 1] * unused
     in_per_out = [hws[i] / out_hw[i % 2] for i in range(len(hws))]
     block_p, block_d, block_k, num_warps = _block_config(classes)
     grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(classes, block_k), batch)
     _decode_head_kernel[grid](
         *maps, scale, shift, cls_weight, cls_bias, out,
         *hws, *in_per_out, out_h, out_w, classes,
-        CHANNELS=channels, FIRST_AT_OUTPUT_SIZE=(hws[0], hws[1]) == (out_h, out_w),
+        CHANNELS=channels, NUM_MAPS=num_maps, FIRST_AT_OUTPUT_SIZE=(hws[0], hws[1]) == (out_h, out_w),
         BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=input_precision,
         num_warps=num_warps, num_stages=_NUM_STAGES,
     )
@@ -233,7 +252,8 @@ def decode_head(
     input_precision: str | None = None,
 ) -> Tensor:
     """The Triton implementation of ``reference.decode_head`` (same arguments, assumed
-    checked by ``segformer_kernels.decode_head``); no-grad inference only.
+    checked by ``segformer_kernels.decode_head``); no-grad inference only. One to
+    MAX_KERNEL_MAPS maps run the kernel, more the reference.
 
     ``input_precision``: how fp32 inputs meet the tensor cores in the classifier dot
     (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
@@ -245,6 +265,9 @@ def decode_head(
             "decode_head: the Triton kernel is inference-only and has no backward; call it under "
             "torch.no_grad() or torch.inference_mode(), or use kernels='torch' (differentiable)"
         )
+    if len(maps) > MAX_KERNEL_MAPS:
+        # a model with more stages than any SegFormer variant: correct, not fused
+        return reference.decode_head(maps, hws, out_hw, scale, shift, cls_weight, cls_bias)
     flat_hws = [size for hw in hws for size in hw]
     return _decode_head_op(list(maps), flat_hws, list(out_hw), scale, shift, cls_weight, cls_bias, input_precision)
 
@@ -260,14 +283,17 @@ _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: 
 
 
 def _signature(dtype: torch.dtype) -> dict[str, str]:
-    """Triton types of the kernel's runtime arguments: every tensor in the input
-    dtype, the source-per-output-pixel ratios fp32, sizes i32."""
+    """Triton types of the kernel's runtime arguments: the folded BatchNorm fp32, every
+    other tensor in the input dtype, the source-per-output-pixel ratios fp32, sizes i32."""
     ty = _TRITON_DTYPES[dtype]
     signature = {}
     for name in _decode_head_kernel.arg_names:
         if name.isupper():  # constexpr
             continue
-        signature[name] = f"*{ty}" if name.endswith("_ptr") else "fp32" if name.endswith("_per_out") else "i32"
+        if name in ("scale_ptr", "shift_ptr"):
+            signature[name] = "*fp32"
+        else:
+            signature[name] = f"*{ty}" if name.endswith("_ptr") else "fp32" if name.endswith("_per_out") else "i32"
     return signature
 
 
@@ -282,7 +308,7 @@ def compile_targets() -> list[CompileTarget]:
                 for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
                     block_p, block_d, block_k, num_warps = _block_config(classes)
                     constexprs = {
-                        "CHANNELS": channels, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
+                        "CHANNELS": channels, "NUM_MAPS": MAX_KERNEL_MAPS, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
                         "BLOCK_D": block_d, "BLOCK_K": block_k, "INPUT_PRECISION": precision,
                     }
                     targets.append(

@@ -62,7 +62,7 @@ def _check_hw(hw, tokens: int) -> tuple[int, int]:
 
 def _check_tokens(x: Tensor) -> None:
     _check_tensor("x", x, ndim=3)
-    if x.shape[0] == 0 or x.shape[2] == 0:
+    if 0 in x.shape:
         raise ValueError(f"x must be a non-empty [B, H*W, C] token tensor, got {tuple(x.shape)}")
 
 
@@ -259,9 +259,6 @@ def layer_norm(
     return _dispatch("layer_norm", kernels, x.device, x.dtype)(x, weight, bias, float(eps), residual)
 
 
-DECODER_STAGES = 4
-
-
 def _check_size_pair(name: str, value) -> tuple[int, int]:
     if (
         not isinstance(value, (tuple, list))
@@ -287,8 +284,8 @@ def decode_head(
 ) -> Tensor:
     """The folded SegFormer decoder's tail: classifier(ReLU(scale * sum_i up(z_i) + shift)).
 
-    maps: the four stage maps z_i [B, h_i*w_i, D] (token layout) on the grids ``hws``
-    (four (h_i, w_i)); up = bilinear resize to ``out_hw`` (align_corners=False);
+    maps: the stage maps z_i [B, h_i*w_i, D] (token layout; four in every SegFormer
+    variant, any number here) on the grids ``hws`` (one (h_i, w_i) each); up = bilinear resize to ``out_hw`` (align_corners=False);
     scale, shift [D]: BatchNorm folded; cls_weight [K, D], cls_bias [K]: the 1x1
     classifier. Returns logits [B, K, H, W]. Pass stage 1 first: a first map already
     at ``out_hw`` is read without resizing (the kernel's fast path).
@@ -297,10 +294,10 @@ def decode_head(
     ``kernels="auto"`` runs the differentiable reference and ``"triton"`` refuses.
     """
     if not isinstance(maps, (tuple, list)):
-        raise TypeError(f"maps must be a list of {DECODER_STAGES} tensors (one per stage), got {type(maps).__name__}")
-    if len(maps) != DECODER_STAGES:
-        raise ValueError(f"maps must hold {DECODER_STAGES} tensors (one per stage), got {len(maps)}")
-    names = [f"maps[{i}]" for i in range(DECODER_STAGES)]
+        raise TypeError(f"maps must be a list of tensors (one per stage), got {type(maps).__name__}")
+    if not maps:
+        raise ValueError("maps must hold at least one tensor (one per stage), got none")
+    names = [f"maps[{i}]" for i in range(len(maps))]
     for name, z in zip(names, maps):
         _check_tensor(name, z, ndim=3)
     batch, _, channels = maps[0].shape
@@ -309,7 +306,7 @@ def decode_head(
     for name, z in zip(names[1:], maps[1:]):
         _check_shape(name, z, (batch, None, channels), "[B, h_i*w_i, D] with the B and D of maps[0]")
     if not isinstance(hws, (tuple, list)) or len(hws) != len(maps):
-        raise TypeError(f"hws must be a list of {DECODER_STAGES} (h, w) pairs, one per map, got {hws!r}")
+        raise TypeError(f"hws must be a list of {len(maps)} (h, w) pairs, one per map, got {hws!r}")
     hws = tuple(_check_size_pair(f"hws[{i}]", hw) for i, hw in enumerate(hws))
     for name, z, (height, width) in zip(names, maps, hws):
         if height * width != z.shape[1]:
@@ -323,10 +320,14 @@ def decode_head(
     if cls_weight.shape[0] == 0:
         raise ValueError("cls_weight must have at least one class (shape [K, D] with K >= 1)")
     _check_shape("cls_bias", cls_bias, (cls_weight.shape[0],), "[K]")
-    *maps, scale, shift, cls_weight, cls_bias = autocast_inputs(
-        maps[0].device, *maps, scale, shift, cls_weight, cls_bias
-    )
-    _check_same((*names, "scale", "shift", "cls_weight", "cls_bias"), (*maps, scale, shift, cls_weight, cls_bias))
+    # The folded BatchNorm scale and shift are not cast: under autocast they stay fp32,
+    # as BatchNorm itself runs (its shift can be far from the features' size).
+    *maps, cls_weight, cls_bias = autocast_inputs(maps[0].device, *maps, cls_weight, cls_bias)
+    _check_same((*names, "cls_weight", "cls_bias"), (*maps, cls_weight, cls_bias))
+    _check_same((names[0], "scale", "shift"), (maps[0], scale, shift), dtype=False)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.dtype not in (maps[0].dtype, torch.float32):
+            raise TypeError(f"{name} is {t.dtype} but maps[0] is {maps[0].dtype}; it must be {maps[0].dtype} or float32")
     if kernels == "auto" and torch.is_grad_enabled() and any(
         t.requires_grad for t in (*maps, scale, shift, cls_weight, cls_bias)
     ):

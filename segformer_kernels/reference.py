@@ -140,6 +140,7 @@ def decode_head(
         )
         for z, (h, w) in zip(maps, hws)
     )
-    activated = torch.relu(fused * scale[:, None, None] + shift[:, None, None])
+    # scale and shift may be fp32 with 16-bit maps (autocast): the affine then runs in fp32
+    activated = torch.relu(fused * scale[:, None, None] + shift[:, None, None]).to(cls_weight.dtype)
     # contiguous NCHW whatever layout the resize picked, as the kernel writes it
     return F.conv2d(activated, cls_weight[:, :, None, None], cls_bias).contiguous()

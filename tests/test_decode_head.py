@@ -10,7 +10,7 @@ from helpers import assert_close, kernel_dtypes
 from segformer_kernels import reference
 from segformer_kernels.decode_head import decode_head as triton_decode_head
 
-# (batch, D, K, the four (h_i, w_i), output (H, W)).
+# (batch, D, K, one (h_i, w_i) per stage map, output (H, W)).
 CASES = {
     # a 84x120 image's stage grids: stage 1 at the output size, ratios that are not integers
     "stages-21x30": (3, 20, 19, [(21, 30), (11, 15), (6, 8), (3, 4)], (21, 30)),
@@ -23,6 +23,11 @@ CASES = {
     # a single output pixel and a single output row
     "out-1x1": (2, 16, 3, [(1, 1), (1, 1), (1, 1), (1, 1)], (1, 1)),
     "out-1x17": (1, 16, 7, [(1, 17), (1, 9), (1, 5), (1, 3)], (1, 17)),
+    # models with other stage counts: the kernel reads one to four maps; five run the
+    # reference inside the Triton implementation
+    "one-stage": (1, 16, 5, [(6, 7)], (6, 7)),
+    "three-stages": (2, 16, 5, [(9, 8), (5, 4), (3, 2)], (9, 8)),
+    "five-stages": (1, 16, 5, [(9, 8), (5, 4), (3, 2), (2, 1), (1, 1)], (9, 8)),
 }
 
 
@@ -113,7 +118,7 @@ def test_gradients_need_the_reference(device):
 @pytest.mark.parametrize(
     "mutate, error, message",
     [
-        (lambda a: a.update(maps=a["maps"][:3]), ValueError, "maps must hold 4 tensors"),
+        (lambda a: a.update(maps=[], hws=[]), ValueError, "maps must hold at least one tensor"),
         (lambda a: a.update(maps=a["maps"][0]), TypeError, "maps must be a list"),
         (lambda a: a.update(hws=[(21, 30), (11, 15), (6, 8), (4, 3)][:3]), TypeError, "hws must be a list"),
         (lambda a: a.update(hws=[(21, 30), (11, 15), (6, 8), (4, 4)]), ValueError, r"maps\[3\] has 12 tokens"),
@@ -150,3 +155,33 @@ def test_model_sized_decoders_on_gpu(dtype, channels, classes, poisoned_allocati
     params = (scale, shift, cls_weight, cls_bias)
     out = triton_decode_head(maps, hws, (128, 128), *params, input_precision="ieee")
     assert_close(out, _fp64_reference(maps, hws, (128, 128), *params), dtype, "logits")
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@torch.no_grad()
+def test_folded_batch_norm_stays_fp32_under_autocast(kernels, device, monkeypatch):
+    """Autocast casts the maps and the classifier, not the folded BatchNorm: its scale and
+    shift reach the implementation in fp32 (a shift far from the features' size would
+    lose bits in 16), and the logits match the fp64 reference of the cast maps."""
+    from segformer_kernels import ops
+
+    seen = {}
+    dispatch = ops._dispatch
+
+    def recording_dispatch(op, kernels, device, dtype):
+        implementation = dispatch(op, kernels, device, dtype)
+
+        def run(maps, hws, out_hw, scale, shift, *rest):
+            seen.update(maps=maps[0].dtype, scale=scale.dtype, shift=shift.dtype)
+            return implementation(maps, hws, out_hw, scale, shift, *rest)
+
+        return run
+
+    monkeypatch.setattr(ops, "_dispatch", recording_dispatch)
+    maps, hws, out_hw, scale, shift, cls_weight, cls_bias = _inputs("three-stages", torch.float32, device)
+    shift = shift * 1000 + 1000.3
+    with torch.autocast(device.type, dtype=torch.float16):
+        out = sk.decode_head(maps, hws, out_hw, scale, shift, cls_weight, cls_bias, kernels=kernels)
+    assert seen == {"maps": torch.float16, "scale": torch.float32, "shift": torch.float32}
+    expected = _fp64_reference([z.half() for z in maps], hws, out_hw, scale, shift, cls_weight.half(), cls_bias.half())
+    assert_close(out, expected, torch.float16, "logits")

@@ -213,6 +213,7 @@ def _replace(inputs, name, value):
     "name, change, error, match",
     [
         ("x", lambda t: t[0], ValueError, "x must be 3-D"),
+        ("x", lambda t: t[:, :0], ValueError, "x must be a non-empty"),  # N = 0 tokens
         ("k", lambda t: t[..., :8], ValueError, "heads \\* head_dim = C = 32"),
         ("k", lambda t: t[:1], ValueError, "k must have shape"),
         ("k", lambda t: t[:, :0], ValueError, "non-empty"),
