@@ -17,7 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import segformer.model as segformer_model
-from helpers import assert_close
+from helpers import TOLERANCE, assert_close
 from segformer import SegFormer, SegFormerConfig
 from segformer_kernels._backend import triton_implementation, triton_runs_on
 from test_model_parity import assert_same_gradients
@@ -156,6 +156,30 @@ def test_cuda_graph_capture_of_inference_matches_eager():
             expected = model(images)
         torch.cuda.synchronize()
         assert_close(static_logits, expected, torch.float32, "replayed logits")
+
+
+@pytest.mark.gpu
+def test_bf16_training_step_matches_the_fp32_reference():
+    """The first bf16 (autocast) training step on the kernels, at a model-sized image,
+    against the fp32 reference model: the loss and every parameter gradient, within bf16's
+    tolerance times the depth (the step where autotuning first picks every tile)."""
+    device = torch.device("cuda")
+    config = SegFormerConfig.preset("b0", num_labels=19, drop_path_rate=0.0, classifier_dropout_prob=0.0)
+    reference = SegFormer(config, kernels="torch").to(device).train()
+    fused = copy.deepcopy(reference)
+    fused.kernels = "auto"
+    images = torch.randn(2, 3, 512, 512, device=device)
+    labels = torch.randint(0, 19, (2, 512, 512), device=device)
+    labels[:, :100] = 255
+    expected_loss = reference.loss(reference(images), labels)
+    expected_loss.backward()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = fused(images)
+    loss = fused.loss(logits.float(), labels)
+    loss.backward()
+    scale = DEPTH_SCALE * TOLERANCE[torch.bfloat16] / TOLERANCE[torch.float32]
+    assert_close(loss, expected_loss, torch.float32, "loss", scale=scale)
+    assert_same_gradients(fused, {name: p.grad for name, p in reference.named_parameters()}, True, scale)
 
 
 class _OpRecorder(TorchDispatchMode):
