@@ -62,7 +62,7 @@ else
     run_limited "$(limit 60 70)" python3 scripts/sanitize_kernels.py 2>&1 | tee "$logs/sanitize-warmup.log"
     for tool in memcheck racecheck; do
         # without the caching allocator, an access past a tensor is past an allocation
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_limited "$(limit 90 20)" "$sanitizer" --tool "$tool" \
+        run_limited "$(limit 90 20)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" \
             --error-exitcode 3 python3 scripts/sanitize_kernels.py >"$logs/sanitizer-$tool.log" 2>&1
         status=$?
         tail -n 5 "$logs/sanitizer-$tool.log"
