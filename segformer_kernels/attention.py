@@ -148,11 +148,14 @@ def _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk
 
 
 @triton.jit
-def _probabilities(scores2, lse2, is_key):
-    """exp2(scores - lse) in log2 units, zero for keys past M. A padded key's score is 0,
-    so without the mask its p = exp2(-lse) overflows once a row's log-sum-exp is low
-    (scores around -25 do it in 16 bits), and inf times its zero K or V row is NaN."""
-    return tl.where(is_key, tl.exp2(scores2 - lse2), 0.0)
+def _probabilities(scores2, lse2):
+    """exp2(scores - lse) in log2 units, at most 1 as a probability is. Keys past M load as
+    zero rows, so their score is 0 and, unclamped, their p = exp2(-lse) overflows once a
+    row's log-sum-exp is low (scores around -25 do it in 16 bits): inf times their zero K
+    or V row is NaN. Clamped, their p is at most 1 and meets only zero rows of K and V (or
+    lands in dK/dV rows that are never stored), so they add nothing. A clamp, not a mask
+    on the key index: the backward_dx tile has no registers to spare for the mask."""
+    return tl.exp2(tl.minimum(scores2 - lse2, 0.0))
 
 
 @triton.jit
@@ -167,8 +170,7 @@ def _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stri
         keys = start_m + key_range
         k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
         v_t = _load_tile(v_base, dims, HEAD_DIM, stride_vd, keys, M, stride_vm)
-        p = _probabilities(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[:, None],
-                           keys[None, :] < M)
+        p = _probabilities(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[:, None])
         dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
@@ -176,13 +178,11 @@ def _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stri
 
 
 @triton.jit
-def _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, keys, M, INPUT_PRECISION: tl.constexpr):
+def _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION: tl.constexpr):
     """One query tile's share of dV = P^T dO and dK = dS^T Q (not yet scaled) for one key
-    tile ``keys``, computed transposed (keys as rows) so both accumulate in registers. q_t
-    is the query tile transposed [BLOCK_D, BLOCK_N]; lse2 the rows' log-sum-exp in log2
-    units."""
-    p_t = _probabilities(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[None, :],
-                         keys[:, None] < M)
+    tile, computed transposed (keys as rows) so both accumulate in registers. q_t is the
+    query tile transposed [BLOCK_D, BLOCK_N]; lse2 the rows' log-sum-exp in log2 units."""
+    p_t = _probabilities(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[None, :])
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -369,7 +369,7 @@ def _attention_backward_dkdv_kernel(
         do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
         lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, keys, M, INPUT_PRECISION)
+        dk, dv = _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
     _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
                         stride_dd, keys, M, dims, HEAD_DIM)

@@ -263,7 +263,7 @@ def _fused_attention_backward_dkdv_kernel(
         do = tl.dot(dy, w_o, input_precision=INPUT_PRECISION).to(dy.dtype)
         lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = _accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, keys, M, INPUT_PRECISION)
+        dk, dv = _accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
     _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
                         stride_dd, keys, M, dims, HEAD_DIM)
