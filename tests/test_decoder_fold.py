@@ -104,10 +104,11 @@ def test_inference_tail_equals_unfolded_decoder(kernels, batch, height, width):
     and the folded bias turned into a per-channel scale and shift."""
     config = SegFormerConfig.preset("b0", num_labels=7)
     head = random_head(config, torch.float32).eval()
+    head.kernels = kernels
     features, grids = stage_features(config, batch, height, width, torch.float32)
     expected = unfolded_decoder(head, features, grids)
     with torch.no_grad():
-        out = head(features, grids, kernels)
+        out = head(features, grids)
     assert_close(out, expected, torch.float32, "inference logits", scale=10)
 
 
@@ -175,7 +176,7 @@ def test_mac_counts_before_and_after_the_fold(preset, encoder_gmacs):
     head = model.decode_head if model is not None else DecodeHead(config).eval()
     with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only: nothing is computed
         if model is not None:
-            encoder, (features, grids) = counted_macs(model.encode, torch.randn(1, 3, 512, 512))
+            encoder, (features, grids) = counted_macs(model.encoder, torch.randn(1, 3, 512, 512))
         else:
             features, grids = stage_features(config, 1, 512, 512, torch.float32)
         folded, _ = counted_macs(head, features, grids)
