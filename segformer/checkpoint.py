@@ -1,6 +1,6 @@
 """Reading the SegFormer checkpoints users have, and writing the HF on-disk format.
 
-Sources (DESIGN.md section 3), told apart key by key:
+Sources (docs/design.md, "Checkpoints"), told apart key by key:
 - HF on disk (transformers 4 names, also what transformers 5 writes): ``segformer.encoder.*``
   and ``decode_head.linear_c.{i}.proj`` ...; classification checkpoints add ``classifier.*``.
 - transformers 5 in-memory names: ``segformer.stages.{i}.blocks.{j}``, ``q_proj`` ...

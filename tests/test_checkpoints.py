@@ -1,6 +1,6 @@
 """Checkpoints users already have load and give transformers' logits; saving writes the HF
 on-disk format transformers reads; broken or foreign checkpoints are refused clearly
-(DESIGN.md section 3; issue 2 items 4 and 5)."""
+(docs/design.md, "Checkpoints")."""
 
 from __future__ import annotations
 

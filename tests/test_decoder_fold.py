@@ -1,4 +1,4 @@
-"""The decoder fold (DESIGN.md section 4, issue 5 item 1) is the unfolded all-MLP decoder,
+"""The decoder fold (docs/design.md, "The decoder fold") is the unfolded all-MLP decoder,
 in fp64 to rounding and in fp32 to tolerance, in eval and in training, gradients of every
 decoder parameter included; and it does about half the model's multiply-adds at 512x512."""
 
@@ -166,8 +166,8 @@ def counted_macs(fn, *args):
 @pytest.mark.parametrize("preset,encoder_gmacs", [("b0", 3.20), ("b2", None)])
 def test_mac_counts_before_and_after_the_fold(preset, encoder_gmacs):
     """At 512x512 with 150 classes the decoder drops from 5.18 to 0.92 GMACs in B0 and
-    from 42.1 to 4.05 in B2; the whole B0 from 8.39 to 4.13 (DESIGN.md's 8.0 -> 3.8
-    leaves out the patch-embedding convolutions; B2: 62.3 -> 24.3, DESIGN 61 -> 22)."""
+    from 42.1 to 4.05 in B2; the whole B0 from 8.39 to 4.13 and B2 from 62.3 to 24.3
+    (patch-embedding convolutions included; docs/design.md quotes these numbers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = SegFormerConfig.preset(preset, num_labels=150)
