@@ -47,7 +47,7 @@ ROW_FIELDS = (
     "device", "gpu", "timer", "timings_meaningful", "torch", "triton", "cuda", "python", "git_commit", "timestamp",
 )
 
-# Priorities: lower runs first. The measurements behind the DESIGN.md section 9 targets
+# Priorities: lower runs first. The measurements behind the targets in docs/design.md
 # come first, then everything cheap; torch.compile's max-autotune compilations, which
 # take tens of seconds to minutes each, fill whatever time is left.
 PRIORITY_TARGET = 1
@@ -59,7 +59,7 @@ PRIORITY_COMPILE_KERNEL = 6
 PRIORITY_COMPILE_E2E = 7
 
 
-# Where the DESIGN.md section 9 targets are read: the two blocks at stage 1 of B0 and B2 at
+# Where the docs/design.md targets are read: the two blocks at stage 1 of B0 and B2 at
 # 512^2 (where they move the most bytes), and the end-to-end (variant, mode, batch) pairs.
 TARGET_KERNEL_CASES = ("b0-512x512-s1", "b2-512x512-s1")
 TARGET_E2E = (("b0", "inference", 16), ("b2", "train_step", 8))

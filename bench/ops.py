@@ -1,5 +1,5 @@
 """Kernel benchmarks: every fused op and the two blocks the targets name, at the stage
-shapes of SegFormer B0 and B2 (DESIGN.md section 2), forward, backward and both.
+shapes of SegFormer B0 and B2 (docs/design.md, "The numbers"), forward, backward and both.
 
 Cases are named ``<variant>-<H>x<W>-s<stage>``: the token grid of that stage for an
 H x W image (patch embeds of stride 4, 2, 2, 2, each rounding up), C channels,
@@ -146,7 +146,7 @@ def attention_inputs(stage, batch, make):
 
 def kv_views(kv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """k and v [B, M, heads, d] as strided views of the kv projection's [B, M, 2C] output,
-    as the model takes them (DESIGN.md section 4): no copy before the attention core."""
+    as the model takes them (docs/design.md, "Data flow and layouts"): no copy before the attention core."""
     batch, keys, width = kv.shape
     kv = kv.view(batch, keys, 2, heads, width // (2 * heads))
     return kv[:, :, 0], kv[:, :, 1]

@@ -4,7 +4,7 @@
     python -m bench.report --performance [--results bench/results] [--dest FILE]
 
 The Performance section comes from the newest GPU results under bench/results/ and
-compares them with the DESIGN.md section 9 targets, or says plainly that nothing has
+compares them with the targets in docs/design.md ("Benchmarks and performance targets"), or says plainly that nothing has
 been measured on a GPU yet.
 """
 
@@ -121,7 +121,7 @@ def bandwidth_summary(rows: Rows) -> str:
 
 def targets_table(rows: Rows) -> list[str]:
     lines = [
-        "| target (DESIGN.md section 9) | case | fused vs eager | fused vs torch.compile | fused vs transformers (no target) |",
+        "| target (docs/design.md) | case | fused vs eager | fused vs torch.compile | fused vs transformers (no target) |",
         "|---|---|---|---|---|",
     ]
     for target in TARGETS:
@@ -439,7 +439,7 @@ def performance_markdown(found: tuple[Path, list[dict]] | None) -> str:
             "**Nothing has been measured on a GPU yet.** The benchmark suite exists and its CPU smoke run passes in CI, "
             "but CPU timings say nothing about speed, so there are no performance numbers to show.",
             "",
-            "The targets (DESIGN.md section 9; H100, bf16):",
+            "The targets (docs/design.md; H100, bf16):",
             "",
             "| target | fused vs eager | fused vs torch.compile |",
             "|---|---|---|",

@@ -1,6 +1,6 @@
 """Reading the SegFormer checkpoints users have, and writing the HF on-disk format.
 
-Sources (DESIGN.md section 3), told apart key by key:
+Sources (docs/design.md, "Checkpoints"), told apart key by key:
 - HF on disk (transformers 4 names, also what transformers 5 writes): ``segformer.encoder.*``
   and ``decode_head.linear_c.{i}.proj`` ...; classification checkpoints add ``classifier.*``.
 - transformers 5 in-memory names: ``segformer.stages.{i}.blocks.{j}``, ``q_proj`` ...
@@ -292,24 +292,15 @@ def infer_config(state: Mapping[str, Tensor], source: str, num_classes: int | No
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def load_pretrained(
-    model_class,
-    path,
-    num_classes: int | None = None,
-    kernels: str = "auto",
-    drop_path_rate: float | None = None,
-    classifier_dropout: float | None = None,
-    config: SegFormerConfig | str | None = None,
-    strict: bool = True,
-):
+def load_pretrained(model_class, path, *, num_classes: int | None = None, kernels: str = "auto",
+                    config: SegFormerConfig | str | None = None, strict: bool = True, **overrides):
     """Build a model from a checkpoint (see the module docstring for the sources).
 
     ``num_classes`` different from the checkpoint's gives a fresh classifier (a warning
     says so); a backbone-only checkpoint gets a fresh decoder. With ``strict`` (default),
     missing or unexpected keys raise a ValueError naming them; otherwise they are warned
-    about. A shape mismatch is always refused with the key and both shapes."""
-    from .model import _override
-
+    about. A shape mismatch is always refused with the key and both shapes. ``overrides``:
+    drop_path_rate and classifier_dropout, as ``SegFormerConfig.with_overrides`` takes them."""
     if isinstance(path, Mapping):
         raw, file_config, where = path, None, "the given state dict"
     elif isinstance(path, (str, os.PathLike)):
@@ -352,7 +343,7 @@ def load_pretrained(
     if not has_head:
         warnings.warn(f"{where} holds only an encoder: the decode head is freshly initialised", stacklevel=3)
         fresh_prefixes.append("decode_head.")
-    config = _override(config, num_classes, drop_path_rate, classifier_dropout)
+    config = config.with_overrides(num_classes, **overrides)
 
     model = model_class(config, kernels=kernels)
     expected = model.state_dict()

@@ -1,6 +1,6 @@
 """SegFormer architecture: the six MiT presets and any architecture an HF config.json describes.
 
-Two LayerNorm eps values, because the two checkpoint sources differ (DESIGN.md section 2):
+Two LayerNorm eps values, because the two checkpoint sources differ (docs/design.md, "Two LayerNorm eps"):
 ``block_norm_eps`` is used by the pre-norms inside every block and by each stage's final
 norm; ``embed_norm_eps`` by the patch-embedding norms and the sequence-reduction norms.
 transformers builds every LayerNorm with PyTorch's default 1e-5 (it ignores its own
@@ -191,6 +191,22 @@ class SegFormerConfig:
             "embed_norm_eps": self.embed_norm_eps,
         }
         return data
+
+    def with_overrides(
+        self, num_classes: int | None = None, drop_path_rate: float | None = None, classifier_dropout: float | None = None
+    ) -> "SegFormerConfig":
+        """This config with the options of ``SegFormer.from_config`` / ``from_pretrained``
+        applied; None keeps the config's value."""
+        changes = {}
+        if num_classes is not None:
+            if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+                raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+            changes["num_labels"] = num_classes
+        if drop_path_rate is not None:
+            changes["drop_path_rate"] = drop_path_rate
+        if classifier_dropout is not None:
+            changes["classifier_dropout_prob"] = classifier_dropout
+        return self.replace(**changes) if changes else self
 
     def replace(self, **changes) -> "SegFormerConfig":
         if "num_labels" in changes and changes["num_labels"] != self.num_labels and "id2label" not in changes:

@@ -1,13 +1,26 @@
 """SegFormer: the MiT encoder and the all-MLP decoder, built on the segformer_kernels ops.
 
+The modules follow Figure 2 of the paper (docs/design.md, "The model"):
+
+    SegFormer
+      Encoder          stages 1..4, each:
+        Stage            PatchEmbedding -> Block x depth -> LayerNorm   ([B, N_i, C_i] on grid h_i x w_i)
+          Block            x + Attention(LN(x)), then x + MixFFN(LN(x))
+            EfficientSelfAttention(x, grid)   keys and values from an sr x sr reduced sequence
+            MixFFN(x, grid)                   fc1 -> 3x3 depthwise conv -> GELU -> fc2
+      DecodeHead       per-stage linear -> upsample to stage 1 -> concat -> fuse -> classify
+
 Tokens stay [B, N, C] from the first patch embedding to the decoder. The patch-embedding
 convolutions read them through a channels-last NCHW view (no copy), q, k and v are views
 of their projection outputs, and each residual add is fused into the LayerNorm that
-follows it (``sk.layer_norm(..., residual=...)`` returns the sum too).
+follows it (``sk.layer_norm(..., residual=...)`` returns the sum too). That is why a
+Block takes and returns the pair (branch, residual) rather than x: the add of its last
+branch happens in the next block's first LayerNorm, or in the stage's final one.
 
 Every parameter is an ordinary nn.Linear / nn.Conv2d / nn.LayerNorm / nn.BatchNorm2d;
-the forward passes their weights to the functional ops with ``kernels=self.kernels``,
-so kernels speed the model up without changing it.
+the forwards pass their weights to the functional ops with the module's ``kernels``
+(which ``SegFormer.kernels`` sets on every submodule), so kernels speed the model up
+without changing it.
 """
 
 from __future__ import annotations
@@ -23,7 +36,10 @@ from torch import Tensor, nn
 import segformer_kernels as sk
 from segformer_kernels._backend import check_kernels
 
-from .config import SegFormerConfig
+from . import checkpoint
+from .config import HF_EPS, SegFormerConfig
+
+Grid = tuple[int, int]
 
 
 def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
@@ -36,7 +52,7 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     return x * mask.div_(keep)
 
 
-def tokens_as_image(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
+def tokens_as_image(tokens: Tensor, hw: Grid) -> Tensor:
     """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy."""
     return tokens.transpose(1, 2).unflatten(2, hw)
 
@@ -46,20 +62,43 @@ def image_as_tokens(image: Tensor) -> Tensor:
     return image.flatten(2).transpose(1, 2)
 
 
-class PatchEmbedding(nn.Module):
+def add_norm(branch: Tensor, residual: Tensor | None, norm: nn.LayerNorm, kernels: str) -> tuple[Tensor, Tensor]:
+    """(norm(residual + branch), residual + branch) as one op; with no residual yet (a
+    stage's first block) the branch is the residual stream itself."""
+    if residual is None:
+        return sk.layer_norm(branch, norm.weight, norm.bias, norm.eps, kernels=kernels), branch
+    return sk.layer_norm(branch, norm.weight, norm.bias, norm.eps, residual=residual, kernels=kernels)
+
+
+class KernelModule(nn.Module):
+    """A module whose forward calls the sk ops. ``kernels`` ("auto", "triton" or "torch")
+    picks their backend; SegFormer sets it on all of its submodules."""
+
+    kernels: str = "auto"
+
+
+class PatchEmbedding(KernelModule):
     """Overlapping patch embedding: Conv2d(k, stride s, padding k // 2), then LayerNorm."""
 
-    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, stride: int):
+    def __init__(self, in_channels: int, hidden_size: int, patch_size: int, stride: int, norm_eps: float = HF_EPS):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride, padding=patch_size // 2)
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=norm_eps)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Grid]:
+        """[B, C_in, H, W] (channels-last, so the conv writes tokens in [B, N, C] order) ->
+        (normalised tokens [B, h*w, C], grid (h, w))."""
+        image = self.proj(image)
+        norm = self.norm
+        tokens = sk.layer_norm(image_as_tokens(image), norm.weight, norm.bias, norm.eps, kernels=self.kernels)
+        return tokens, (image.shape[2], image.shape[3])
 
 
-class EfficientSelfAttention(nn.Module):
+class EfficientSelfAttention(KernelModule):
     """Multi-head attention whose keys and values come from a sequence reduced by sr x sr
     patches (a strided conv + LayerNorm) when sr > 1."""
 
-    def __init__(self, hidden_size: int, heads: int, sr_ratio: int):
+    def __init__(self, hidden_size: int, heads: int, sr_ratio: int, sr_norm_eps: float = HF_EPS):
         super().__init__()
         self.heads = heads
         self.sr_ratio = sr_ratio
@@ -68,11 +107,29 @@ class EfficientSelfAttention(nn.Module):
         self.v = nn.Linear(hidden_size, hidden_size)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(hidden_size, hidden_size, sr_ratio, stride=sr_ratio)
-            self.sr_norm = nn.LayerNorm(hidden_size)
+            self.sr_norm = nn.LayerNorm(hidden_size, eps=sr_norm_eps)
         self.proj = nn.Linear(hidden_size, hidden_size)
 
+    def forward(self, x: Tensor, grid: Grid) -> Tensor:
+        """x [B, N, C] on grid (h, w) -> proj(attention(q(x), k(r), v(r))) [B, N, C], where
+        r = SR(x) (or x when sr = 1); q, the attention and proj run as one op
+        (``sk.fused_attention``)."""
+        batch, _, channels = x.shape
+        reduced = x
+        if self.sr_ratio > 1:
+            reduced = sk.spatial_reduction(
+                x, grid, self.sr.weight, self.sr.bias, self.sr_norm.weight, self.sr_norm.bias, self.sr_norm.eps,
+                kernels=self.kernels,
+            )
+        heads_shape = (reduced.shape[1], self.heads, channels // self.heads)
+        k = F.linear(reduced, self.k.weight, self.k.bias).view(batch, *heads_shape)
+        v = F.linear(reduced, self.v.weight, self.v.bias).view(batch, *heads_shape)
+        return sk.fused_attention(
+            x, self.q.weight, self.q.bias, k, v, self.proj.weight, self.proj.bias, kernels=self.kernels
+        )
 
-class MixFFN(nn.Module):
+
+class MixFFN(KernelModule):
     """fc1 -> depthwise 3x3 conv -> GELU -> fc2."""
 
     def __init__(self, hidden_size: int, mlp_ratio: int):
@@ -82,32 +139,72 @@ class MixFFN(nn.Module):
         self.dwconv = nn.Conv2d(inner, inner, 3, padding=1, groups=inner)
         self.fc2 = nn.Linear(inner, hidden_size)
 
+    def forward(self, x: Tensor, grid: Grid) -> Tensor:
+        """x [B, N, C] on grid (h, w) -> [B, N, C], as one op (``sk.mix_ffn``)."""
+        return sk.mix_ffn(
+            x, grid, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias,
+            self.fc2.weight, self.fc2.bias, kernels=self.kernels,
+        )
 
-class Block(nn.Module):
-    def __init__(self, hidden_size: int, heads: int, sr_ratio: int, mlp_ratio: int, drop_path_rate: float):
+
+class Block(KernelModule):
+    """One transformer block, x -> x + attn(norm1(x)) -> x + mlp(norm2(x)), with each
+    residual add fused into the LayerNorm after it.
+
+    ``forward(branch, residual, grid) -> (branch, residual)``: the block's input x is
+    ``residual + branch`` (for a stage's first block: ``branch`` with ``residual=None``)
+    and so is its output; the caller adds the returned branch in the next LayerNorm (the
+    next block's norm1 or the stage's norm). Drop path scales each branch per sample.
+    """
+
+    def __init__(
+        self, hidden_size: int, heads: int, sr_ratio: int, mlp_ratio: int, drop_path_rate: float = 0.0,
+        norm_eps: float = HF_EPS, sr_norm_eps: float = HF_EPS,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = EfficientSelfAttention(hidden_size, heads, sr_ratio)
-        self.norm2 = nn.LayerNorm(hidden_size)
+        self.norm1 = nn.LayerNorm(hidden_size, eps=norm_eps)
+        self.attn = EfficientSelfAttention(hidden_size, heads, sr_ratio, sr_norm_eps)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=norm_eps)
         self.mlp = MixFFN(hidden_size, mlp_ratio)
         self.drop_path_rate = drop_path_rate
 
+    def forward(self, branch: Tensor, residual: Tensor | None, grid: Grid) -> tuple[Tensor, Tensor]:
+        normed, residual = add_norm(branch, residual, self.norm1, self.kernels)
+        branch = drop_path(self.attn(normed, grid), self.drop_path_rate, self.training)
+        normed, residual = add_norm(branch, residual, self.norm2, self.kernels)
+        branch = drop_path(self.mlp(normed, grid), self.drop_path_rate, self.training)
+        return branch, residual
 
-class Stage(nn.Module):
+
+class Stage(KernelModule):
+    """Patch embedding, ``depth`` blocks and a final LayerNorm at one resolution."""
+
     def __init__(self, config: SegFormerConfig, index: int, drop_path_rates: list[float]):
         super().__init__()
         in_channels = config.num_channels if index == 0 else config.hidden_sizes[index - 1]
         hidden = config.hidden_sizes[index]
-        self.patch_embed = PatchEmbedding(in_channels, hidden, config.patch_sizes[index], config.strides[index])
+        self.patch_embed = PatchEmbedding(
+            in_channels, hidden, config.patch_sizes[index], config.strides[index], config.embed_norm_eps
+        )
         self.blocks = nn.ModuleList(
-            Block(hidden, config.num_attention_heads[index], config.sr_ratios[index], config.mlp_ratios[index], rate)
+            Block(hidden, config.num_attention_heads[index], config.sr_ratios[index], config.mlp_ratios[index], rate,
+                  config.block_norm_eps, config.embed_norm_eps)
             for rate in drop_path_rates
         )
-        self.norm = nn.LayerNorm(hidden)
+        self.norm = nn.LayerNorm(hidden, eps=config.block_norm_eps)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Grid]:
+        """[B, C_in, H, W] channels-last -> (normalised output tokens [B, h*w, C], (h, w))."""
+        branch, grid = self.patch_embed(image)
+        residual = None
+        for block in self.blocks:
+            branch, residual = block(branch, residual, grid)
+        features, _ = add_norm(branch, residual, self.norm, self.kernels)
+        return features, grid
 
 
 class Encoder(nn.Module):
-    """The Mix Transformer: stages of patch embedding, blocks and a final norm."""
+    """The Mix Transformer: each stage reads the previous stage's output as an image."""
 
     def __init__(self, config: SegFormerConfig):
         super().__init__()
@@ -119,8 +216,20 @@ class Encoder(nn.Module):
             Stage(config, i, rates[start : start + depth]) for i, (start, depth) in enumerate(zip(starts, config.depths))
         )
 
+    def forward(self, images: Tensor) -> tuple[list[Tensor], list[Grid]]:
+        """images [B, C, H, W] -> every stage's output tokens [B, N_i, C_i] and grid (h_i, w_i)."""
+        # channels-last input makes the first conv write tokens in [B, N, C] order
+        image = images.contiguous(memory_format=torch.channels_last)
+        features, grids = [], []
+        for stage in self.stages:
+            tokens, grid = stage(image)
+            features.append(tokens)
+            grids.append(grid)
+            image = tokens_as_image(tokens, grid)
+        return features, grids
 
-class DecodeHead(nn.Module):
+
+class DecodeHead(KernelModule):
     """All-MLP decoder. Parameters are the HF ones: linear_c.{i}.proj (C_i -> D),
     linear_fuse (1x1 conv over the concat [c_n .. c_1], no bias), batch_norm, classifier."""
 
@@ -134,7 +243,7 @@ class DecodeHead(nn.Module):
         self.classifier = nn.Conv2d(width, config.num_labels, 1)
 
     def folded_projections(self) -> tuple[list[Tensor], Tensor]:
-        """The decoder fold (DESIGN.md section 4). linear_fuse applied to the concat of the
+        """The decoder fold (docs/design.md, "The decoder fold"). linear_fuse applied to the concat of the
         upsampled projections equals sum_i up((W_i L_i) F_i) + sum_i W_i b_i, because
         bilinear resizing commutes with per-pixel linear maps and keeps constants. Returns
         the composed [D, C_i] weights, stage order, and the summed [D] bias; autograd
@@ -151,15 +260,15 @@ class DecodeHead(nn.Module):
                 bias = stage_bias if bias is None else bias + stage_bias
         return weights, bias
 
-    def forward(self, features: list[Tensor], grids: list[tuple[int, int]], kernels: str = "auto") -> Tensor:
-        """features[i]: stage i's tokens [B, N_i, C_i] on grid grids[i] -> logits at grids[0]."""
+    def forward(self, features: list[Tensor], grids: list[Grid]) -> Tensor:
+        """features[i]: stage i's tokens [B, N_i, C_i] on grid grids[i] -> logits [B, K, *grids[0]]."""
         weights, bias = self.folded_projections()
         maps = [F.linear(tokens, weight) for tokens, weight in zip(features, weights)]
         if not self.training and not torch.is_grad_enabled():
-            return self.fused_inference_tail(maps, grids, bias, kernels)
+            return self.fused_inference_tail(maps, grids, bias)
         return self.fuse_and_classify(maps, grids, bias)
 
-    def fused_inference_tail(self, maps: list[Tensor], grids: list[tuple[int, int]], bias: Tensor, kernels: str) -> Tensor:
+    def fused_inference_tail(self, maps: list[Tensor], grids: list[Grid], bias: Tensor) -> Tensor:
         """fuse_and_classify for inference, as one op (``sk.decode_head``): BatchNorm with
         its running statistics is a per-channel scale and shift, into which the folded
         bias goes too, and dropout is the identity."""
@@ -167,10 +276,11 @@ class DecodeHead(nn.Module):
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         shift = norm.bias + scale * (bias - norm.running_mean)
         return sk.decode_head(
-            maps, grids, grids[0], scale, shift, self.classifier.weight.flatten(1), self.classifier.bias, kernels=kernels
+            maps, grids, grids[0], scale, shift, self.classifier.weight.flatten(1), self.classifier.bias,
+            kernels=self.kernels,
         )
 
-    def fuse_and_classify(self, maps: list[Tensor], grids: list[tuple[int, int]], bias: Tensor) -> Tensor:
+    def fuse_and_classify(self, maps: list[Tensor], grids: list[Grid], bias: Tensor) -> Tensor:
         """The part after the fold: upsample every stage's [B, N_i, D] map to stage-1 size
         (bilinear, align_corners=False), sum, add the folded bias, BatchNorm, ReLU, dropout,
         classifier. In eval mode this is one pass for a fused kernel (BatchNorm folds to a
@@ -207,7 +317,7 @@ class SegFormer(nn.Module):
         model.save_pretrained("out/")   # HF on-disk format
 
     ``kernels``: "auto" (Triton where it can run, else the PyTorch reference), "triton"
-    or "torch"; it may be changed at any time.
+    or "torch"; it may be changed at any time, and setting it sets every submodule's.
     """
 
     def __init__(self, config: SegFormerConfig, kernels: str = "auto"):
@@ -215,9 +325,9 @@ class SegFormer(nn.Module):
         if not isinstance(config, SegFormerConfig):
             raise TypeError(f"config must be a SegFormerConfig, got {type(config).__name__}")
         self.config = config
-        self.kernels = kernels
         self.encoder = Encoder(config)
         self.decode_head = DecodeHead(config)
+        self.kernels = kernels
         self._min_image_size = config.min_image_size()
         self.reset_parameters()
 
@@ -228,6 +338,9 @@ class SegFormer(nn.Module):
     @kernels.setter
     def kernels(self, value: str) -> None:
         self._kernels = check_kernels(value)
+        for module in self.modules():
+            if isinstance(module, KernelModule):
+                module.kernels = self._kernels
 
     # ---- construction ------------------------------------------------------------------
 
@@ -252,7 +365,7 @@ class SegFormer(nn.Module):
         else:
             got = type(name_or_config).__name__
             raise TypeError(f"name_or_config must be a preset name like 'b0' or a SegFormerConfig, got {got}")
-        config = _override(config, num_classes, drop_path_rate, classifier_dropout)
+        config = config.with_overrides(num_classes, drop_path_rate, classifier_dropout)
         return cls(config, kernels=kernels)
 
     @classmethod
@@ -268,9 +381,7 @@ class SegFormer(nn.Module):
     ) -> "SegFormer":
         """Load an HF folder or file, an NVlabs .pth (segmentation or ImageNet backbone) or
         a state dict; see ``segformer.checkpoint.load_pretrained``."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(
+        return checkpoint.load_pretrained(
             cls, path, num_classes=num_classes, kernels=kernels, drop_path_rate=drop_path_rate,
             classifier_dropout=classifier_dropout, config=config, strict=strict,
         )
@@ -278,9 +389,7 @@ class SegFormer(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (pytorch_model.bin without safetensors)
         in the HF on-disk format, loadable by transformers too."""
-        from .checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
+        checkpoint.save_pretrained(self, directory)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -310,61 +419,8 @@ class SegFormer(nn.Module):
         """images [B, C, H, W] float -> logits [B, num_labels, ceil(H/4), ceil(W/4)]
         (the stage-1 grid)."""
         self._check_images(images)
-        features, grids = self.encode(images)
-        return self.decode_head(features, grids, self.kernels)
-
-    def encode(self, images: Tensor) -> tuple[list[Tensor], list[tuple[int, int]]]:
-        """Every stage's normalised output tokens [B, N_i, C_i] and its (h_i, w_i) grid."""
-        config, kernels = self.config, self.kernels
-        # channels-last input makes the first conv write tokens in [B, N, C] order
-        x = images.contiguous(memory_format=torch.channels_last)
-        features, grids = [], []
-        for stage in self.encoder.stages:
-            embed = stage.patch_embed
-            image = embed.proj(x)
-            grid = (image.shape[2], image.shape[3])
-            tokens = sk.layer_norm(
-                image_as_tokens(image), embed.norm.weight, embed.norm.bias, config.embed_norm_eps, kernels=kernels
-            )
-            # the residual add of each branch is fused into the LayerNorm after it
-            norms = [block.norm1 for block in stage.blocks] + [stage.norm]
-            normed = sk.layer_norm(tokens, norms[0].weight, norms[0].bias, config.block_norm_eps, kernels=kernels)
-            for block, next_norm in zip(stage.blocks, norms[1:]):
-                branch = drop_path(self._attention(block.attn, normed, grid), block.drop_path_rate, self.training)
-                normed, tokens = sk.layer_norm(
-                    branch, block.norm2.weight, block.norm2.bias, config.block_norm_eps, residual=tokens, kernels=kernels
-                )
-                branch = drop_path(self._mix_ffn(block.mlp, normed, grid), block.drop_path_rate, self.training)
-                normed, tokens = sk.layer_norm(
-                    branch, next_norm.weight, next_norm.bias, config.block_norm_eps, residual=tokens, kernels=kernels
-                )
-            features.append(normed)
-            grids.append(grid)
-            x = tokens_as_image(normed, grid)
-        return features, grids
-
-    def _attention(self, attn: EfficientSelfAttention, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """proj(attention(q(x), k(r), v(r))), r = SR(x) (or x when sr = 1); q, the attention
-        output and proj run as one op (``sk.fused_attention``)."""
-        batch, _, channels = x.shape
-        reduced = x
-        if attn.sr_ratio > 1:
-            reduced = sk.spatial_reduction(
-                x, grid, attn.sr.weight, attn.sr.bias, attn.sr_norm.weight, attn.sr_norm.bias,
-                self.config.embed_norm_eps, kernels=self.kernels,
-            )
-        heads_shape = (reduced.shape[1], attn.heads, channels // attn.heads)
-        k = F.linear(reduced, attn.k.weight, attn.k.bias).view(batch, *heads_shape)
-        v = F.linear(reduced, attn.v.weight, attn.v.bias).view(batch, *heads_shape)
-        return sk.fused_attention(
-            x, attn.q.weight, attn.q.bias, k, v, attn.proj.weight, attn.proj.bias, kernels=self.kernels
-        )
-
-    def _mix_ffn(self, mlp: MixFFN, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        return sk.mix_ffn(
-            x, grid, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias,
-            mlp.fc2.weight, mlp.fc2.bias, kernels=self.kernels,
-        )
+        features, grids = self.encoder(images)
+        return self.decode_head(features, grids)
 
     def _check_images(self, images) -> None:
         channels = self.config.num_channels
@@ -415,15 +471,3 @@ class SegFormer(nn.Module):
         valid = (labels != ignore).sum().clamp(min=1)
         return total / valid
 
-
-def _override(config: SegFormerConfig, num_classes, drop_path_rate, classifier_dropout) -> SegFormerConfig:
-    changes = {}
-    if num_classes is not None:
-        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        changes["num_labels"] = num_classes
-    if drop_path_rate is not None:
-        changes["drop_path_rate"] = drop_path_rate
-    if classifier_dropout is not None:
-        changes["classifier_dropout_prob"] = classifier_dropout
-    return config.replace(**changes) if changes else config

@@ -77,12 +77,7 @@ def plot_run(log_path: str | os.PathLike, out_path: str | os.PathLike, metrics: 
 
     if metrics is not None:
         _per_class_bars(axes[2], metrics)
-    figure.tight_layout()
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out_path, dpi=100)
-    plt.close(figure)
-    return out_path
+    return _save(plt, figure, out_path)
 
 
 def _per_class_bars(axis, metrics: dict, most: int = 40) -> None:
@@ -109,6 +104,11 @@ def plot_eval(metrics: dict, out_path: str | os.PathLike) -> Path | None:
         return None
     figure, axis = plt.subplots(figsize=(max(5.0, 0.3 * min(40, len(metrics["per_class"]))), 4.0))
     _per_class_bars(axis, metrics)
+    return _save(plt, figure, out_path)
+
+
+def _save(plt, figure, out_path: str | os.PathLike) -> Path:
+    """Lay out, write the PNG (creating its folder) and free the figure."""
     figure.tight_layout()
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Comparison helpers shared by the kernel tests (DESIGN.md section 7)."""
+"""Comparison helpers shared by the kernel tests (docs/design.md, "Testing conventions")."""
 
 from __future__ import annotations
 

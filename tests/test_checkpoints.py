@@ -1,6 +1,6 @@
 """Checkpoints users already have load and give transformers' logits; saving writes the HF
 on-disk format transformers reads; broken or foreign checkpoints are refused clearly
-(DESIGN.md section 3; issue 2 items 4 and 5)."""
+(docs/design.md, "Checkpoints")."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_nvlabs_imagenet_backbone_loads_into_the_encoder(hf_b0, tmp_path):
     reference = nvlabs_reference(hf_b0)
     images = torch.randn(2, 3, *IMAGE_SIZE)
     with torch.no_grad():
-        features, _ = model.eval().encode(images)
+        features, _ = model.eval().encoder(images)
         expected = reference.segformer(images, output_hidden_states=True).hidden_states
     for i, (mine, theirs) in enumerate(zip(features, expected)):
         assert_close(mine, theirs.flatten(2).transpose(1, 2), torch.float32, f"stage {i + 1} features")

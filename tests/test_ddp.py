@@ -1,5 +1,6 @@
-"""Data-parallel training on CPU (gloo): 2 processes agree with the single-process average
-gradient over the union of their shards, and `torchrun -m segformer train` runs end to end."""
+"""Data-parallel training on CPU (gloo): 2 processes, each reading its shard through the
+trainer's own loader, agree with the single-process average gradient over the union of
+their shards, and `torchrun -m segformer train` runs end to end."""
 
 import json
 import os
@@ -13,12 +14,41 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from helpers import rel_err
-from segformer.train import LOG_FILE, TRAINING_STATE, SampleStream, TrainConfig, Trainer
+from segformer.train import LOG_FILE, TRAINING_STATE, TrainConfig, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-# no dropout or drop path: the gradients must not depend on per-rank random draws
+# no dropout or drop path: the gradients must not depend on per-rank random draws; no
+# loader worker processes, so the samples are read (and recorded) in this process
 CONFIG = dict(data="synthetic", synthetic_size=64, batch_size=2, grad_accum=2, steps=4, kernels="torch", seed=5,
-              drop_path_rate=0.0, classifier_dropout=0.0, progress=False)
+              drop_path_rate=0.0, classifier_dropout=0.0, progress=False, workers=0)
+
+
+class RecordedSamples(torch.utils.data.Dataset):
+    """A trainer's samples, noting every (epoch, index) key its loader asks for."""
+
+    def __init__(self, samples):
+        self.samples, self.keys = samples, []
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        self.keys.append(tuple(key))
+        return self.samples[key]
+
+
+def read_from_loader(trainer: Trainer, steps: int):
+    """The micro-batches of the first ``steps`` steps as training reads them (the trainer's
+    DataLoader over its sampler), and their keys, one list per micro-batch."""
+    recorded = RecordedSamples(trainer.samples)
+    trainer.samples = recorded
+    batches = trainer._loader()
+    try:
+        micro_batches = [next(batches) for _ in range(steps * trainer.config.grad_accum)]
+    finally:
+        batches.close()
+    size = trainer.config.batch_size
+    return micro_batches, [recorded.keys[i : i + size] for i in range(0, len(recorded.keys), size)]
 
 
 def free_port() -> int:
@@ -34,8 +64,8 @@ def rank_gradients(rank, world_size, port, out_dir):
     trainer = Trainer(TrainConfig(**CONFIG, out=out_dir))
     try:
         assert trainer.group.world_size == world_size and trainer.group.rank == rank
-        keys = trainer.micro_batch_keys(0)
-        losses = trainer.forward_backward([trainer.load_batch(k) for k in keys])
+        micro_batches, keys = read_from_loader(trainer, steps=1)
+        losses = trainer.forward_backward(micro_batches)
         grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters()}
         torch.save({"keys": keys, "losses": losses, "grads": grads}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -49,17 +79,20 @@ def test_two_processes_average_the_shard_gradients(tmp_path):
     torch.set_num_threads(1)
     single = Trainer(TrainConfig(**CONFIG, out=str(tmp_path)))
     assert single.group.world_size == 1
+    # the two ranks' first step reads what one process reads in its first two steps, split
+    # into disjoint shards
+    shard_keys = [{tuple(k) for micro in r["keys"] for k in micro} for r in results]
+    _, single_keys = read_from_loader(single, steps=2)
+    assert not shard_keys[0] & shard_keys[1]
+    assert shard_keys[0] | shard_keys[1] == {k for micro in single_keys for k in micro}
+    assert all(len(keys) == CONFIG["batch_size"] * CONFIG["grad_accum"] for keys in shard_keys)
+
     shard_grads = []
-    for rank, result in enumerate(results):
-        stream = SampleStream(len(single.train_set), CONFIG["seed"], rank=rank, world_size=2)
-        keys = [stream.keys(m * CONFIG["batch_size"], CONFIG["batch_size"]) for m in range(CONFIG["grad_accum"])]
-        assert [list(map(tuple, k)) for k in result["keys"]] == keys  # each rank read its own shard
+    for result in results:
         single.optimizer.zero_grad(set_to_none=True)
-        losses = single.forward_backward([single.load_batch(k) for k in keys])
+        losses = single.forward_backward([single.load_batch([tuple(k) for k in keys]) for keys in result["keys"]])
         torch.testing.assert_close(losses, result["losses"], rtol=1e-5, atol=0)
         shard_grads.append({name: p.grad.clone() for name, p in single.model.named_parameters()})
-    shard_keys = [{k for micro in r["keys"] for k in map(tuple, micro)} for r in results]
-    assert not shard_keys[0] & shard_keys[1]  # disjoint shards
 
     for name, _ in single.model.named_parameters():
         average = (shard_grads[0][name] + shard_grads[1][name]) / 2

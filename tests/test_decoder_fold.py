@@ -1,4 +1,4 @@
-"""The decoder fold (DESIGN.md section 4, issue 5 item 1) is the unfolded all-MLP decoder,
+"""The decoder fold (docs/design.md, "The decoder fold") is the unfolded all-MLP decoder,
 in fp64 to rounding and in fp32 to tolerance, in eval and in training, gradients of every
 decoder parameter included; and it does about half the model's multiply-adds at 512x512."""
 
@@ -104,10 +104,11 @@ def test_inference_tail_equals_unfolded_decoder(kernels, batch, height, width):
     and the folded bias turned into a per-channel scale and shift."""
     config = SegFormerConfig.preset("b0", num_labels=7)
     head = random_head(config, torch.float32).eval()
+    head.kernels = kernels
     features, grids = stage_features(config, batch, height, width, torch.float32)
     expected = unfolded_decoder(head, features, grids)
     with torch.no_grad():
-        out = head(features, grids, kernels)
+        out = head(features, grids)
     assert_close(out, expected, torch.float32, "inference logits", scale=10)
 
 
@@ -165,8 +166,8 @@ def counted_macs(fn, *args):
 @pytest.mark.parametrize("preset,encoder_gmacs", [("b0", 3.20), ("b2", None)])
 def test_mac_counts_before_and_after_the_fold(preset, encoder_gmacs):
     """At 512x512 with 150 classes the decoder drops from 5.18 to 0.92 GMACs in B0 and
-    from 42.1 to 4.05 in B2; the whole B0 from 8.39 to 4.13 (DESIGN.md's 8.0 -> 3.8
-    leaves out the patch-embedding convolutions; B2: 62.3 -> 24.3, DESIGN 61 -> 22)."""
+    from 42.1 to 4.05 in B2; the whole B0 from 8.39 to 4.13 and B2 from 62.3 to 24.3
+    (patch-embedding convolutions included; docs/design.md quotes these numbers)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     config = SegFormerConfig.preset(preset, num_labels=150)
@@ -175,7 +176,7 @@ def test_mac_counts_before_and_after_the_fold(preset, encoder_gmacs):
     head = model.decode_head if model is not None else DecodeHead(config).eval()
     with FakeTensorMode(allow_non_fake_inputs=True):  # shapes only: nothing is computed
         if model is not None:
-            encoder, (features, grids) = counted_macs(model.encode, torch.randn(1, 3, 512, 512))
+            encoder, (features, grids) = counted_macs(model.encoder, torch.randn(1, 3, 512, 512))
         else:
             features, grids = stage_features(config, 1, 512, 512, torch.float32)
         folded, _ = counted_macs(head, features, grids)

@@ -1,5 +1,5 @@
 """Mistakes get a TypeError/ValueError that says what was expected, not a failure deep
-inside a convolution (issue 2 item 5); the loss's edge cases; the config's checks."""
+inside a convolution; the loss's edge cases; the config's checks."""
 
 from __future__ import annotations
 

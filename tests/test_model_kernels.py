@@ -1,4 +1,4 @@
-"""The whole model on the kernels is the reference model (issue 5 items 4-6).
+"""The whole model on the kernels is the reference model.
 
 ``kernels="auto"`` runs every op that has a Triton kernel (on CPU: under the interpreter,
 which conftest turns on), ``kernels="torch"`` the PyTorch reference; with the same weights
@@ -26,8 +26,8 @@ from test_model_parity import assert_same_gradients
 # stage has M >= 2 keys); depth grows the error, hence 10x the fp32 op tolerance.
 IMAGE_SIZE = (61, 35)
 DEPTH_SCALE = 10
-# On a GPU the kernels' fp32 dots use tf32 (about 5e-4 relative per op, DESIGN.md
-# section 7), and the public ops offer no way to pin "ieee" from the model.
+# On a GPU the kernels' fp32 dots use tf32 (about 5e-4 relative per op, docs/design.md,
+# "Testing conventions"), and the public ops offer no way to pin "ieee" from the model.
 TF32_SCALE = 50
 
 

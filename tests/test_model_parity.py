@@ -1,5 +1,5 @@
 """The model is transformers' SegformerForSemanticSegmentation: same logits, loss, gradients
-and parameter counts with the same weights (DESIGN.md section 3; issue 2 item 5).
+and parameter counts with the same weights (docs/design.md, "Checkpoints").
 
 transformers is the oracle here and only here (a test dependency). The helpers at the top
 are shared with test_checkpoints.py.
