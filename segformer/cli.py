@@ -163,12 +163,10 @@ def _inference_setup(args):
 
 def run_eval(args) -> int:
     from .data import open_dataset
-    from .evaluate import evaluate
+    from .evaluate import check_scales, evaluate
     from .metrics import format_table, json_safe
     from .plots import plot_eval
     from .runtime import init_process_group
-
-    from .evaluate import check_scales
 
     try:
         check_scales(args.scales)

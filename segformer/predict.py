@@ -36,11 +36,12 @@ def collect_images(inputs: Iterable[str | os.PathLike], skip: str | os.PathLike 
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                            and (skipped is None or not p.resolve().is_relative_to(skipped)))
+            images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if skipped is not None:
+                images = [p for p in images if not p.resolve().is_relative_to(skipped)]
             if not images:
                 raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}"
-                                + (f"; {skipped} is the output folder and is not read)" if skipped else ")"))
+                                + ("; the output folder is not read)" if skipped is not None else ")"))
             found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in images]
         elif path.is_file():
             found.append((path, path.stem))

@@ -550,7 +550,6 @@ class Trainer:
     def run(self) -> TrainResult:
         started = time.time()
         log = bar = batches = None
-        metrics, files = None, {}
         try:
             log, bar = self._prepare_run_dir()
             batches = self._loader()
