@@ -708,11 +708,22 @@ class _Window:
 
 
 def run_files(run_dir: Path) -> list[Path]:
-    """What a training run wrote in ``run_dir``: RUN_FILES, checkpoint folders, partial checkpoints."""
+    """What a training run wrote in ``run_dir``: log, run.json, eval.json, plot, the final model
+    (config.json only beside weights or run.json), checkpoint folders (with their training
+    state) and partial checkpoints. Nothing else there is ever removed."""
     if not run_dir.is_dir():
         return []
-    return sorted(path for path in run_dir.iterdir() if path.name in RUN_FILES or CHECKPOINT_PATTERN.match(path.name)
-                  or PARTIAL_CHECKPOINT_PATTERN.match(path.name))
+    found = []
+    for path in run_dir.iterdir():
+        if path.name == "config.json":
+            ours = any((run_dir / name).is_file() for name in (RUN_INFO, "model.safetensors", "pytorch_model.bin"))
+        elif CHECKPOINT_PATTERN.match(path.name):
+            ours = (path / TRAINING_STATE).is_file()
+        else:
+            ours = path.name in RUN_FILES or PARTIAL_CHECKPOINT_PATTERN.match(path.name) is not None
+        if ours:
+            found.append(path)
+    return sorted(found)
 
 
 def _val_record(step: int, metrics: dict) -> dict:

@@ -19,7 +19,7 @@ from segformer.data import DataError, image_size, open_dataset, read_image
 from segformer.evaluate import segment
 from segformer.predict import collect_images, predict
 from segformer.train import (
-    CHECKPOINT_PREFIX, LOG_FILE, TRAINING_STATE, TrainConfig, TrainingDiverged, Trainer, train,
+    CHECKPOINT_PREFIX, LOG_FILE, TRAINING_STATE, TrainConfig, TrainingDiverged, Trainer, run_files, train,
 )
 
 TINY = dict(data="synthetic", synthetic_size=64, batch_size=2, kernels="torch", progress=False, val_every=0, save_every=0)
@@ -135,19 +135,19 @@ def test_a_skipped_step_leaves_no_trace(tmp_path, precision):
 
 
 def test_divergence_stops_with_exit_2_and_keeps_the_last_good_checkpoint(tmp_path, poison_training_forward, capsys):
+    """Every step from 3 on is non-finite: after 10 (the default) in a row the run stops with exit 2."""
     poison_training_forward(set(range(3, 100)))
     run = tmp_path / "run"
-    code = main(["train", *TINY_CLI, "--steps", "20", "--save-every", "2", "--max-bad-steps", "3", "--out", str(run)])
+    code = main(["train", *TINY_CLI, "--steps", "20", "--save-every", "2", "--out", str(run)])
     line = one_error_line_after_warnings(capsys)
     assert code == 2
-    assert "diverged" in line and "3 steps in a row" in line and "steps 3..5" in line
-    # the checkpoint of step 4 (in the bad run) holds the state after step 2, the last good one
-    assert f"{CHECKPOINT_PREFIX}000004" in line
-    good, named = (load_file(run / f"{CHECKPOINT_PREFIX}00000{k}" / "model.safetensors") for k in (2, 4))
+    assert "diverged" in line and "10 steps in a row" in line and "steps 3..12" in line
+    # the checkpoint of step 10 (in the bad run) holds the state after step 2, the last good one
+    assert f"{CHECKPOINT_PREFIX}000010" in line
+    good, named = (load_file(run / f"{CHECKPOINT_PREFIX}0000{k:02d}" / "model.safetensors") for k in (2, 10))
     assert all(torch.equal(good[key], named[key]) for key in good)
     assert all(torch.isfinite(t).all() for t in good.values() if t.is_floating_point())
     assert not (run / "model.safetensors").exists()  # no final model from a diverged run
-    assert TrainConfig().max_bad_steps == 10
 
 
 def one_error_line_after_warnings(capsys):
@@ -162,8 +162,10 @@ def one_error_line_after_warnings(capsys):
 
 def test_divergence_through_the_api(tmp_path, poison_training_forward):
     poison_training_forward(set(range(1, 100)))
-    with pytest.raises(TrainingDiverged, match="no checkpoint was saved"):
+    with pytest.raises(TrainingDiverged, match="2 steps in a row.*no checkpoint was saved"):
         train(tiny(out=str(tmp_path), steps=10, max_bad_steps=2))
+    with pytest.raises(ValueError, match="max_bad_steps must be >= 1"):
+        tiny(max_bad_steps=0)
 
 
 # ---- 3. an existing run is never overwritten silently -----------------------------------------------
@@ -181,10 +183,24 @@ def test_out_onto_an_existing_run_is_refused_then_overwritten_with_overwrite(tmp
     assert "already holds a run" in line
     assert (run / LOG_FILE).read_text() == log_before  # nothing touched
 
+    (run / f"{CHECKPOINT_PREFIX}000009").mkdir()  # not a checkpoint (no training state): not the run's
     assert main(["train", *TINY_CLI, "--steps", "1", "--save-every", "1", "--out", str(run), "--overwrite"]) == 0
-    assert sorted(p.name for p in run.glob(f"{CHECKPOINT_PREFIX}*")) == [f"{CHECKPOINT_PREFIX}000001"]
+    assert sorted(p.name for p in run.glob(f"{CHECKPOINT_PREFIX}*")) == [f"{CHECKPOINT_PREFIX}00000{k}" for k in (1, 9)]
     assert [json.loads(line)["step"] for line in (run / LOG_FILE).read_text().splitlines()] == [1]
     assert (run / "notes.txt").read_text() == "mine"  # not a run file: kept
+
+
+def test_a_model_folder_is_not_trained_over(tmp_path, saved_model, capsys):
+    import shutil
+
+    folder = shutil.copytree(saved_model, tmp_path / "pretrained")
+    before = (folder / "model.safetensors").read_bytes()
+    assert main(["train", *TINY_CLI, "--steps", "1", "--out", str(folder)]) == 2
+    one_error_line(capsys, folder, "model.safetensors", "--overwrite")
+    assert (folder / "model.safetensors").read_bytes() == before
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text("{}")  # someone's config, no model beside it
+    assert run_files(tmp_path / "project") == []
 
 
 def test_resume_continues_in_its_folder_but_not_over_another_run(tmp_path, capsys):
@@ -490,3 +506,18 @@ def test_train_does_not_change_the_callers_config(tmp_path):
     trainer = Trainer(config)
     trainer.close()
     assert config == before and trainer.config.crop_size == (64, 64) and trainer.config.precision == "fp32"
+
+
+def test_the_data_check_shows_a_progress_bar_on_large_datasets(tmp_path, capsys, monkeypatch):
+    from segformer import data as data_module
+
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        save(root / "train" / "images" / f"{name}.png", np.zeros((8, 8, 3)))
+        save(root / "train" / "masks" / f"{name}.png", np.zeros((8, 8)))
+    dataset = open_dataset(root, "train", num_classes=2)
+    assert data_module.check_datasets([dataset], progress=True) == []
+    assert "checking data" not in capsys.readouterr().err  # small: no bar
+    monkeypatch.setattr(data_module, "CHECK_PROGRESS_FROM", 2)
+    assert data_module.check_datasets([dataset], progress=True) == []
+    assert "checking data" in capsys.readouterr().err
