@@ -19,7 +19,6 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
@@ -119,6 +118,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], SegForm
     """The tensors (and config.json, when there is one) of an HF folder, a .safetensors
     file, or a torch .bin/.pth/.pt file."""
     path = Path(path)
+    _check_link(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     config = None
@@ -127,6 +127,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], SegForm
         if config_path.exists():
             config = SegFormerConfig.from_json_file(config_path)
         for name in ("model.safetensors", "pytorch_model.bin"):
+            _check_link(path / name)
             if (path / name).exists():
                 return _read_file(path / name), config
         if (path / "model.safetensors.index.json").exists() or (path / "pytorch_model.bin.index.json").exists():
@@ -138,7 +139,24 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], SegForm
     return _read_file(path), config
 
 
+def _check_link(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{path} is a broken link (to {os.readlink(path)})")
+
+
+def _check_readable(path: Path) -> None:
+    """A clear reason when the weights file cannot be opened at all (not 'corrupt', not 'no such file')."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a weights file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise OSError(f"cannot open {path}: {error.strerror or error}") from None
+
+
 def _read_file(path: Path) -> dict:
+    _check_readable(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -149,11 +167,17 @@ def _read_file(path: Path) -> dict:
         except Exception as error:  # safetensors raises its own error types for a bad header
             raise ValueError(f"could not read {path} as safetensors (corrupt or not a safetensors file): {error}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError) as error:
-        raise ValueError(
-            f"could not read {path} as a torch checkpoint (corrupt, truncated, or holding more than tensors): {error}"
-        ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch's note on the pickle protocol of a file it then refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):  # torch's text advises unsafe loading: not repeated here
+            raise ValueError(f"could not read {path}: it holds Python objects other than tensors, which are not "
+                             "loaded (unpickling them could run arbitrary code); save a state dict of tensors") from None
+        raise ValueError(f"could not read {path} as a torch checkpoint (corrupt or not a torch file)") from None
+    except Exception as error:  # torch.load raises many types for a file that is not a checkpoint
+        raise ValueError(f"could not read {path} as a torch checkpoint (corrupt, truncated or not a torch file: "
+                         f"{type(error).__name__})") from None
 
 
 def _read_sharded(folder: Path) -> dict:

@@ -41,6 +41,11 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in the output folder (its log, model, checkpoints, eval, plot)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segformer", description="Train, evaluate and run SegFormer (MiT-B0..B5).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT_DIR", default=None,
                        help="continue a run exactly from RUN_DIR/checkpoint-NNNNNN")
     train.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/train)")
+    _add_overwrite(train)
+    train.add_argument("--max-bad-steps", type=int, default=None, metavar="N",
+                       help="stop (exit 2) after N steps in a row with a non-finite loss (default 10)")
     _add_runtime(train)
 
     evaluate = commands.add_parser("eval", help="mIoU / mAcc / aAcc and per-class IoU of a model on a dataset")
@@ -111,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-size", type=int, default=128)
     demo.add_argument("--lr", type=float, default=6e-4)
     demo.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark smoke run")
+    _add_overwrite(demo)
     _add_runtime(demo)
     return parser
 
@@ -124,19 +133,20 @@ def run_train(args) -> int:
 
     settings = _given(args, ("model", "init", "data", "num_classes", "batch_size", "steps", "lr", "weight_decay",
                              "warmup_steps", "grad_accum", "drop_path_rate", "seed", "save_every", "val_every",
-                             "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device"))
+                             "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device",
+                             "max_bad_steps"))
     if args.crop_size is not None:
         settings["crop_size"] = _size(args.crop_size)
     if args.no_progress:
         settings["progress"] = False
     if args.resume is not None:
-        train(resume=args.resume, **settings)
+        train(resume=args.resume, overwrite=args.overwrite, **settings)
         return 0
     try:
         config = TrainConfig(**settings)
     except ValueError as error:
         raise DataError(f"bad option: {error}") from None
-    train(config)
+    train(config, overwrite=args.overwrite)
     return 0
 
 
@@ -153,11 +163,15 @@ def _inference_setup(args):
 
 def run_eval(args) -> int:
     from .data import open_dataset
-    from .evaluate import evaluate
+    from .evaluate import check_scales, evaluate
     from .metrics import format_table, json_safe
     from .plots import plot_eval
     from .runtime import init_process_group
 
+    try:
+        check_scales(args.scales)
+    except ValueError as error:
+        raise DataError(f"--scales: {error}") from None
     group = init_process_group(args.device)
     try:
         model, info, precision, crop_size = _inference_setup(args)
@@ -204,7 +218,7 @@ def run_demo(args) -> int:
 
     return demo(out=args.out, model=args.model, steps=args.steps, batch_size=args.batch_size, image_size=args.image_size,
                 lr=args.lr, kernels=args.kernels or "auto", precision=args.precision, device=args.device,
-                bench=not args.no_bench, progress=not args.no_progress)
+                bench=not args.no_bench, progress=not args.no_progress, overwrite=args.overwrite)
 
 
 COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo}

@@ -168,7 +168,13 @@ class SegFormerConfig:
                 data = json.load(f)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
-        return cls.from_hf_dict(data)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a text (JSON) file") from None
+        try:
+            return cls.from_hf_dict(data)
+        except (TypeError, ValueError, KeyError, AttributeError) as error:
+            message = str(error).removeprefix("config.json: ")
+            raise ValueError(f"{path}: bad field: {message}") from None
 
     def to_hf_dict(self) -> dict:
         """An HF SegformerConfig-compatible dict (transformers reads it; the two eps fields

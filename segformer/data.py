@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +23,7 @@ import numpy as np
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+CHECK_PROGRESS_FROM = 2000  # pairs; checking fewer headers takes about a second
 
 
 class DataError(Exception):
@@ -32,30 +34,89 @@ class DataError(Exception):
 # ---- reading files --------------------------------------------------------------------------
 
 
-def _open_image(path: Path):
+# mask modes that hold one channel of class ids (RGB masks are accepted when the channels agree)
+MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
+# one-channel images deeper than 8 bits: scaled to 8 bits when read as a picture
+WIDE_IMAGE_MODES = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535}
+# EXIF orientations that swap width and height (transposed or rotated by 90 degrees)
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+_EXIF_ORIENTATION = 0x0112
+
+
+def _cannot_read(path: Path, error: Exception) -> DataError:
+    reason = str(error).replace(f" {str(path)!r}", "").replace(str(path), "").strip() or type(error).__name__
+    return DataError(f"{path}: cannot read image ({reason})")
+
+
+def _open_image(path: Path, decode: bool = True):
+    """The PIL image (decoded now unless ``decode`` is False: then only the header is read)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         image = Image.open(path)
-        image.load()  # decode now: a truncated file fails here, not later
+        if decode:
+            image.load()  # decode now: a truncated file fails here, not later
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as error:
+        raise DataError(f"{path}: image too large to read safely ({error})") from None
+    except MemoryError:
+        raise DataError(f"{path}: out of memory decoding this image; resize it") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        reason = str(error).replace(f" {str(path)!r}", "").replace(str(path), "").strip() or type(error).__name__
-        raise DataError(f"{path}: cannot read image ({reason})") from None
+        raise _cannot_read(path, error) from None
     return image
 
 
+def _orientation(image) -> int:
+    try:
+        return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: keep the stored view
+        return 1
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image as it is displayed (EXIF orientation applied), from its header."""
+    path = Path(path)
+    with _open_image(path, decode=False) as image:
+        width, height = image.size
+        if _orientation(image) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+    return height, width
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
-    """An RGB image as uint8 [H, W, 3] (grey, palette and RGBA images are converted)."""
-    return np.array(_open_image(Path(path)).convert("RGB"))
+    """An RGB image as uint8 [H, W, 3] as it is displayed: the EXIF orientation is applied;
+    grey, palette and RGBA images are converted; 16-bit grey is scaled to 8 bits."""
+    from PIL import ImageOps
+
+    path = Path(path)
+    image = _open_image(path)
+    if _orientation(image) != 1:
+        try:
+            image = ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError, TypeError) as error:
+            raise _cannot_read(path, error) from None
+    if image.mode in WIDE_IMAGE_MODES:
+        # shown once per process (the text does not change), not once per image
+        warnings.warn("note: 16-bit images are scaled to 8 bits (value * 255 / 65535)", stacklevel=2)
+        full_scale = WIDE_IMAGE_MODES[image.mode]
+        grey = np.rint(np.asarray(image).astype(np.float64).clip(0, full_scale) * (255 / full_scale)).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.array(image.convert("RGB"))
+
+
+def _check_mask_mode(image, path: Path) -> None:
+    if image.mode not in MASK_MODES + ("RGB", "RGBA"):
+        raise DataError(f"{path}: mask has image mode {image.mode}; expected one channel of class ids")
 
 
 def read_label_file(path: str | os.PathLike) -> np.ndarray:
-    """A label map as stored (int64 [H, W]): one channel of class ids, a palette PNG's indices,
-    or an RGB image whose three channels are equal. A colour-coded mask is refused."""
+    """A label map as stored (int64 [H, W]; no EXIF orientation): one channel of class ids, a
+    palette PNG's indices, or an RGB image whose three channels are equal. A colour-coded
+    mask is refused."""
     path = Path(path)
     image = _open_image(path)
+    _check_mask_mode(image, path)
     if image.mode in ("RGB", "RGBA"):
         values = np.asarray(image)[..., :3]
         if not ((values[..., 0] == values[..., 1]).all() and (values[..., 1] == values[..., 2]).all()):
@@ -64,9 +125,20 @@ def read_label_file(path: str | os.PathLike) -> np.ndarray:
                 "(a greyscale or palette PNG)"
             )
         return values[..., 0].astype(np.int64)
-    if image.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise DataError(f"{path}: mask has image mode {image.mode}; expected one channel of class ids")
     return np.asarray(image).astype(np.int64)
+
+
+def _size_mismatch(image_path: Path, image_hw, mask_path: Path, mask_hw) -> DataError:
+    return DataError(f"{mask_path}: mask is {mask_hw[1]}x{mask_hw[0]} (WxH) but its image {image_path} is "
+                     f"{image_hw[1]}x{image_hw[0]} (as displayed, EXIF orientation applied)")
+
+
+def problems_error(problems: Sequence[str], where: str, shown: int = 10) -> DataError:
+    """One DataError listing several problems (the first ``shown`` of them) on one line."""
+    if len(problems) == 1:
+        return DataError(problems[0])
+    listed = "; ".join(problems[:shown]) + (f"; and {len(problems) - shown} more" if len(problems) > shown else "")
+    return DataError(f"{len(problems)} problems in {where}: {listed}")
 
 
 class LabelMap:
@@ -158,11 +230,46 @@ class FileDataset(SegmentationDataset):
         image = read_image(image_path)
         label = self.label_map(read_label_file(mask_path), mask_path)
         if image.shape[:2] != label.shape:
-            raise DataError(
-                f"{mask_path}: mask is {label.shape[1]}x{label.shape[0]} (WxH) but its image {image_path} "
-                f"is {image.shape[1]}x{image.shape[0]}"
-            )
+            raise _size_mismatch(image_path, image.shape[:2], mask_path, label.shape)
         return image, label
+
+    def check_pair(self, index: int) -> str | None:
+        """What is wrong with pair ``index`` that the file headers show (unreadable image or
+        mask, a mask mode without class ids, sizes that differ), or None; nothing is decoded."""
+        image_path, mask_path = self.pairs[index]
+        try:
+            image_hw = image_size(image_path)
+            with _open_image(mask_path, decode=False) as mask:
+                _check_mask_mode(mask, mask_path)
+                mask_hw = mask.size[1], mask.size[0]
+            if image_hw != mask_hw:
+                raise _size_mismatch(image_path, image_hw, mask_path, mask_hw)
+        except DataError as error:
+            return str(error)
+        return None
+
+
+def check_datasets(datasets: Sequence[SegmentationDataset], rank: int = 0, world_size: int = 1,
+                   progress: bool = False) -> list[str]:
+    """The problems of every image/mask pair of ``datasets`` that the headers show (this
+    process's share: every world_size-th pair from ``rank``), in dataset order."""
+    work = [(dataset, index) for dataset in datasets if isinstance(dataset, FileDataset)
+            for index in range(len(dataset))][rank::world_size]
+    bar = None
+    if progress and len(work) >= CHECK_PROGRESS_FROM:
+        from .runtime import progress_bar
+
+        bar = progress_bar(total=len(work), desc="checking data", unit="pair", leave=False)
+    problems = []
+    for dataset, index in work:
+        problem = dataset.check_pair(index)
+        if problem is not None:
+            problems.append(problem)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return problems
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -176,35 +283,43 @@ def _require_images(folder: Path, what: str) -> list[Path]:
     return images
 
 
+def _pair_up(images: Sequence[Path], mask_candidates, hint: str = "") -> list[tuple[Path, Path]]:
+    """(image, mask) pairs, the mask being the first existing one of ``mask_candidates(image)``;
+    images without a mask are all reported at once."""
+    pairs, missing = [], []
+    for image_path in images:
+        candidates = mask_candidates(image_path)
+        mask_path = next((c for c in candidates if c.is_file()), None)
+        if mask_path is None:
+            missing.append(f"{image_path}: missing mask (expected {candidates[0]}{hint})")
+        else:
+            pairs.append((image_path, mask_path))
+    if missing:
+        raise problems_error(missing, "the dataset")
+    return pairs
+
+
 def _ade20k(root: Path, split: str) -> FileDataset:
     from .palette import ADE20K_CLASSES
 
-    folder = {"train": "training", "val": "validation"}.get(split, split)
-    pairs = []
-    for image_path in _require_images(root / "images" / folder, "ADE20K"):
-        relative = image_path.relative_to(root / "images" / folder)
-        mask_path = (root / "annotations" / folder / relative).with_suffix(".png")
-        if not mask_path.is_file():
-            raise DataError(f"{image_path}: missing mask (expected {mask_path})")
-        pairs.append((image_path, mask_path))
+    image_root = _split_images_folder(root, "ade20k", split)
+    masks_root = root / "annotations" / image_root.name
+    pairs = _pair_up(_require_images(image_root, "ADE20K"),
+                     lambda image: [(masks_root / image.relative_to(image_root)).with_suffix(".png")])
     return FileDataset("ade20k", split, pairs, ADE20K_CLASSES, reduce_zero_label=True, default_crop_size=(512, 512))
 
 
 def _cityscapes(root: Path, split: str) -> FileDataset:
     from .palette import CITYSCAPES_CLASSES
 
-    pairs = []
-    image_root = root / "leftImg8bit" / split
-    for image_path in _require_images(image_root, "Cityscapes leftImg8bit"):
-        relative = image_path.relative_to(image_root)
+    image_root = _split_images_folder(root, "cityscapes", split)
+
+    def mask_candidates(image_path: Path) -> list[Path]:
         stem = image_path.name.removesuffix(image_path.suffix).removesuffix("_leftImg8bit")
-        mask_path = root / "gtFine" / split / relative.parent / f"{stem}_gtFine_labelTrainIds.png"
-        if not mask_path.is_file():
-            raise DataError(
-                f"{image_path}: missing mask (expected {mask_path}; the *_labelTrainIds.png files are made by "
-                "cityscapesscripts' createTrainIdLabelImgs)"
-            )
-        pairs.append((image_path, mask_path))
+        return [root / "gtFine" / split / image_path.relative_to(image_root).parent / f"{stem}_gtFine_labelTrainIds.png"]
+
+    pairs = _pair_up(_require_images(image_root, "Cityscapes leftImg8bit"), mask_candidates,
+                     "; the *_labelTrainIds.png files are made by cityscapesscripts' createTrainIdLabelImgs")
     return FileDataset("cityscapes", split, pairs, CITYSCAPES_CLASSES, default_crop_size=(1024, 1024))
 
 
@@ -222,16 +337,14 @@ def _folder(root: Path, split: str, num_classes: int | None) -> FileDataset:
     if not (split_root / "images").is_dir():
         raise DataError(f"{split_root / 'images'}: folder not found (layout: DIR/{{train,val}}/{{images,masks}})")
     masks_root = split_root / "masks"
-    pairs = []
-    for image_path in _require_images(split_root / "images", "training" if split == "train" else split):
+
+    def mask_candidates(image_path: Path) -> list[Path]:
         relative = image_path.relative_to(split_root / "images").with_suffix("")
-        candidates = [masks_root / relative.with_suffix(".png")] + [
+        return [masks_root / relative.with_suffix(".png")] + [
             masks_root / relative.with_suffix(s) for s in IMAGE_SUFFIXES if s != ".png"
         ]
-        mask_path = next((c for c in candidates if c.is_file()), None)
-        if mask_path is None:
-            raise DataError(f"{image_path}: missing mask (expected {candidates[0]})")
-        pairs.append((image_path, mask_path))
+
+    pairs = _pair_up(_require_images(split_root / "images", "training" if split == "train" else split), mask_candidates)
     classes_file = root / "classes.txt"
     if classes_file.is_file():
         names = read_class_names(classes_file)
@@ -273,6 +386,23 @@ def detect_layout(root: Path) -> str:
     )
 
 
+def _dataset_root(spec: str | os.PathLike) -> Path:
+    root = Path(spec)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    return root
+
+
+def _split_images_folder(root: Path, layout: str, split: str) -> Path:
+    if layout == "ade20k":
+        return root / "images" / {"train": "training", "val": "validation"}.get(split, split)
+    if layout == "cityscapes":
+        return root / "leftImg8bit" / split
+    return root / split / "images"
+
+
 def open_dataset(spec: str | os.PathLike, split: str = "train", num_classes: int | None = None,
                  synthetic_size: int = 128) -> SegmentationDataset:
     """The dataset ``spec`` names: "synthetic" or a folder (layout detected). ``num_classes``
@@ -281,11 +411,7 @@ def open_dataset(spec: str | os.PathLike, split: str = "train", num_classes: int
     if str(spec) == "synthetic":
         dataset = SyntheticShapes(split, size=synthetic_size)
     else:
-        root = Path(spec)
-        if not root.is_dir():
-            raise DataError(f"{root}: dataset folder not found")
-        if (root / "ADEChallengeData2016").is_dir():
-            root = root / "ADEChallengeData2016"
+        root = _dataset_root(spec)
         layout = detect_layout(root)
         if layout == "ade20k":
             dataset = _ade20k(root, split)
@@ -299,12 +425,16 @@ def open_dataset(spec: str | os.PathLike, split: str = "train", num_classes: int
 
 
 def has_split(spec: str | os.PathLike, split: str) -> bool:
-    """Whether ``open_dataset(spec, split)`` finds any images (a missing val split is allowed)."""
+    """Whether the dataset has images for ``split`` (a missing val split is allowed; a split
+    that is there but broken is not: open_dataset reports it)."""
+    if str(spec) == "synthetic":
+        return split in _SPLIT_CODES
     try:
-        open_dataset(spec, split)
+        root = _dataset_root(spec)
+        folder = _split_images_folder(root, detect_layout(root), split)
     except DataError:
         return False
-    return True
+    return folder.is_dir() and bool(_images_in(folder))
 
 
 # ---- procedural shapes ---------------------------------------------------------------------

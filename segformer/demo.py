@@ -26,7 +26,7 @@ PREDICT_IMAGES = 6
 
 def run_demo(out: str = "runs/demo", model: str = "b0", steps: int | None = None, batch_size: int = 8,
              image_size: int = 128, lr: float = 6e-4, kernels: str = "auto", precision: str | None = None,
-             device: str | None = None, bench: bool = True, progress: bool = True) -> int:
+             device: str | None = None, bench: bool = True, progress: bool = True, overwrite: bool = False) -> int:
     started = time.time()
     out = Path(out)
     resolved = resolve_device(device)
@@ -38,7 +38,7 @@ def run_demo(out: str = "runs/demo", model: str = "b0", steps: int | None = None
         data="synthetic", out=str(out), model=model, steps=steps, batch_size=batch_size, crop_size=(image_size, image_size),
         synthetic_size=image_size, lr=lr, kernels=kernels, precision=precision, device=device,
         save_every=checkpoint_every, val_every=checkpoint_every, log_every=max(1, min(10, steps // 20)), progress=progress,
-    ))
+    ), overwrite=overwrite)
 
     print(f"\n[2/4] evaluating the saved model ({out}) on the synthetic val split")
     segformer, info = load_model(out, kernels=kernels, device=resolved)

@@ -49,6 +49,13 @@ def load_model(checkpoint: str | os.PathLike, kernels: str = "auto", device: tor
     return model.to(device).eval(), read_run_info(checkpoint)
 
 
+def out_of_memory_error(path, size: tuple[int, int], error: BaseException) -> DataError:
+    """What to do about an image too large to run the model on at the size it was given."""
+    return DataError(f"{path}: out of memory running the model on this {size[1]}x{size[0]} (WxH) image "
+                     f"({type(error).__name__}); run it smaller: give --crop-size (the test scale it is resized to) "
+                     "instead of --no-resize, or resize the image")
+
+
 def model_logits(model, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """fp32 logits [B, K, ceil(H/4), ceil(W/4)] of normalised images. Images smaller than the
     model's minimum (29 px for the MiT presets) are zero-padded (the mean colour) at the
@@ -113,6 +120,7 @@ def segment(model, image, out_size: tuple[int, int] | None = None, *, mode: str 
         raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
     if mode == "slide" and crop_size is None:
         raise ValueError("mode 'slide' needs crop_size")
+    check_scales(scales)
     out_size = tuple(out_size or image.shape[:2])
     device = next(model.parameters()).device
     probabilities = None
@@ -134,6 +142,13 @@ def segment(model, image, out_size: tuple[int, int] | None = None, *, mode: str 
     return probabilities / views
 
 
+def check_scales(scales: Sequence[float]) -> None:
+    """Test-scale ratios must be positive finite numbers (a ratio of 0 would shrink every image to 1x1)."""
+    bad = [ratio for ratio in scales if not (isinstance(ratio, (int, float)) and 0 < ratio < float("inf"))]
+    if bad or not len(scales):
+        raise ValueError(f"scales must be positive ratios such as 0.5 1.0 1.5, got {' '.join(map(str, scales)) or 'none'}")
+
+
 def default_stride(crop_size: tuple[int, int]) -> tuple[int, int]:
     """Two thirds of the crop (ADE20K's 512 crop gets stride 341, as in the SegFormer configs)."""
     return tuple(max(1, (2 * c) // 3) for c in crop_size)
@@ -150,6 +165,7 @@ def evaluate(model, dataset: SegmentationDataset, *, mode: str = "whole", crop_s
     torchrun each rank takes every world_size-th image and the confusion matrices are summed.
     """
     group = group or ProcessGroup()
+    check_scales(scales)
     crop_size = tuple(crop_size or dataset.default_crop_size)
     scale = base_scale(crop_size) if resize else None
     was_training = model.training
@@ -165,8 +181,11 @@ def evaluate(model, dataset: SegmentationDataset, *, mode: str = "whole", crop_s
         for index in bar if bar is not None else indices:
             image, label = dataset[index]
             label = torch.from_numpy(label).to(device)
-            probabilities = segment(model, image, tuple(label.shape), mode=mode, crop_size=crop_size, stride=stride,
-                                    scale=scale, scales=scales, flip=flip, precision=precision)
+            try:
+                probabilities = segment(model, image, tuple(label.shape), mode=mode, crop_size=crop_size,
+                                        stride=stride, scale=scale, scales=scales, flip=flip, precision=precision)
+            except (MemoryError, torch.OutOfMemoryError) as error:
+                raise out_of_memory_error(dataset.name(index), image.shape[:2], error) from None
             matrix += confusion_matrix(probabilities.argmax(dim=0), label, num_classes)
     finally:
         model.train(was_training)

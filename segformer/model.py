@@ -465,7 +465,27 @@ class SegFormer(nn.Module):
             raise ValueError(
                 f"labels must be [B, H, W] with B={logits.shape[0]} (the logits' batch), got {tuple(labels.shape)}"
             )
+        (height, width), (rows, cols) = labels.shape[-2:], logits.shape[-2:]
+        # the scale factor s of the labels over the logits (each logit size rounded up, hence +-1) must be
+        # the same in height and width: [H/(h+1), H/(h-1)] and [W/(w+1), W/(w-1)] overlap
+        low = max(height / (rows + 1), width / (cols + 1))
+        high = min(height / (rows - 1) if rows > 1 else math.inf, width / (cols - 1) if cols > 1 else math.inf)
+        if low > high:
+            raise ValueError(
+                f"labels {height}x{width} (HxW) have another aspect ratio than the logits {rows}x{cols}: resizing "
+                "would stretch them; labels must be of the input images' size"
+            )
         ignore = self.config.semantic_loss_ignore_index
+        num_classes = self.config.num_labels
+        # one reduction and one host read in eager mode: a bad label must not reach cross_entropy (an
+        # IndexError on the CPU, a device-side assert on a GPU); a compiled graph cannot branch on data
+        outside = ((labels < 0) | (labels >= num_classes)) & (labels != ignore)
+        if not torch.compiler.is_compiling() and bool(outside.any()):
+            values = torch.unique(labels[outside])[:8].tolist()
+            raise ValueError(
+                f"labels hold value(s) {', '.join(map(str, values))} outside the classes: num_classes={num_classes}, "
+                f"valid labels 0..{num_classes - 1} and the ignore index {ignore}"
+            )
         resized = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         total = F.cross_entropy(resized, labels.long(), ignore_index=ignore, reduction="sum")
         valid = (labels != ignore).sum().clamp(min=1)

@@ -19,46 +19,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGE_SUFFIXES, DataError, read_image
-from .evaluate import model_logits
+from .data import IMAGE_SUFFIXES, DataError, image_size, read_image
+from .evaluate import model_logits, out_of_memory_error
 from .palette import colourise
 from .runtime import progress_bar
 from .transforms import eval_image, rescaled_size
 
 
-def collect_images(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, str]]:
+def collect_images(inputs: Iterable[str | os.PathLike], skip: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
     """(image path, output name) for every file given and every image under every folder
-    given; the output name is the stem, or the path inside the folder without suffix.
-    Names that would collide get -2, -3, ... appended."""
+    given, except those under ``skip`` (the output folder: earlier outputs are not inputs);
+    the output name is the stem, or the path inside the folder without suffix. A name
+    taken twice gets -2, -3, ... appended, skipping any name an input already has."""
+    skipped = Path(skip).resolve() if skip is not None else None
     found: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if skipped is not None:
+                images = [p for p in images if not p.resolve().is_relative_to(skipped)]
             if not images:
-                raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+                raise DataError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}"
+                                + ("; the output folder is not read)" if skipped is not None else ")"))
             found += [(p, p.relative_to(path).with_suffix("").as_posix()) for p in images]
         elif path.is_file():
             found.append((path, path.stem))
         else:
             raise DataError(f"{path}: no such file or folder")
-    used: dict[str, int] = {}
+    taken = {name for _, name in found}
+    used: set[str] = set()
     named = []
     for path, name in found:
-        used[name] = used.get(name, 0) + 1
-        named.append((path, name if used[name] == 1 else f"{name}-{used[name]}"))
+        unique, count = name, 1
+        while unique in used or (unique != name and unique in taken):
+            count += 1
+            unique = f"{name}-{count}"
+        used.add(unique)
+        named.append((path, unique))
     return named
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from None
-    return height, width
 
 
 def save_label_png(labels: np.ndarray, palette: np.ndarray, path: Path) -> None:
@@ -88,26 +87,32 @@ def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     """Write OUT/NAME_label.png and OUT/NAME_overlay.png for every input image; returns one
     {"image", "label", "overlay", "size"} record per image in input order. Images are resized
     to ``scale`` (the training base scale; None keeps their size) for the model."""
-    images = collect_images(inputs)
+    images = collect_images(inputs, skip=out_dir)
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     model.eval()
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for position, (path, _) in enumerate(images):
-        height, width = _image_size(path)
+        height, width = image_size(path)
         groups[rescaled_size(height, width, scale) if scale else (height, width)].append(position)
     batches = [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
     records: list[dict | None] = [None] * len(images)
     bar = progress_bar(total=len(images), desc="predict", unit="img", leave=False) if progress else None
     for batch in batches:
-        pictures = [read_image(images[p][0]) for p in batch]
-        inputs_t = torch.stack([eval_image(picture, scale) for picture in pictures]).to(device)
-        logits = model_logits(model, inputs_t, precision)
+        try:
+            pictures = [read_image(images[p][0]) for p in batch]
+            inputs_t = torch.stack([eval_image(picture, scale) for picture in pictures]).to(device)
+            logits = model_logits(model, inputs_t, precision)
+        except (MemoryError, torch.OutOfMemoryError) as error:
+            raise out_of_memory_error(images[batch[0]][0], image_size(images[batch[0]][0]), error) from None
         for position, picture, image_logits in zip(batch, pictures, logits):
-            size = picture.shape[:2]
-            resized = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
-            labels = resized[0].argmax(dim=0).cpu().numpy()
             path, name = images[position]
+            size = picture.shape[:2]
+            try:
+                resized = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
+                labels = resized[0].argmax(dim=0).cpu().numpy()
+            except (MemoryError, torch.OutOfMemoryError) as error:
+                raise out_of_memory_error(path, size, error) from None
             label_path, overlay_path = out_dir / f"{name}_label.png", out_dir / f"{name}_overlay.png"
             label_path.parent.mkdir(parents=True, exist_ok=True)
             save_label_png(labels, palette, label_path)

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, SegmentationDataset, has_split, open_dataset
+from .data import DataError, SegmentationDataset, check_datasets, has_split, open_dataset, problems_error
 from .evaluate import RUN_INFO, evaluate
 from .metrics import format_table, json_safe
 from .runtime import autocast, init_process_group, process_device, progress_bar, resolve_precision
@@ -42,6 +43,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE = "training_state.pt"
 LOG_FILE = "log.jsonl"
 EVAL_FILE = "eval.json"
+PLOT_FILE = "training.png"
+# what a run writes in RUN_DIR besides its checkpoint folders (--overwrite removes exactly these)
+RUN_FILES = (LOG_FILE, EVAL_FILE, PLOT_FILE, RUN_INFO, "config.json", "model.safetensors", "pytorch_model.bin")
+CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}\d{{6,}}$")
+# a checkpoint being written (.tmp) or replaced (.old) when its process was killed
+PARTIAL_CHECKPOINT_PATTERN = re.compile(rf"^\.{CHECKPOINT_PREFIX}\d{{6,}}\.(tmp|old)\d+$")
 
 # schedule lengths when --steps is not given: the SegFormer papers' 160k iterations for the
 # benchmarks, shorter for your own folders, and a CPU-friendly demo on the synthetic shapes
@@ -80,6 +87,7 @@ class TrainConfig:
     device: str | None = None
     synthetic_size: int = 128
     progress: bool = True
+    max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
 
     def __post_init__(self):
         if self.crop_size is not None:
@@ -95,12 +103,18 @@ class TrainConfig:
         for name in ("save_every", "val_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_every < 1:
-            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        for name in ("log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 # settings that may change on --resume without changing the result
-RESUME_OVERRIDABLE = ("out", "save_every", "val_every", "log_every", "workers", "device", "kernels", "progress")
+RESUME_OVERRIDABLE = ("out", "save_every", "val_every", "log_every", "workers", "device", "kernels", "progress",
+                      "max_bad_steps")
+
+
+class TrainingDiverged(DataError):
+    """Too many consecutive steps had a non-finite loss; the run stopped (its checkpoints are kept)."""
 
 
 @dataclass
@@ -238,30 +252,33 @@ def lr_factor(step: int, total: int, warmup: int, warmup_ratio: float, power: fl
 
 
 class Trainer:
-    """Builds everything a run needs from a TrainConfig; ``run()`` trains."""
+    """Builds everything a run needs from a TrainConfig (a copy: the caller's is not changed);
+    ``run()`` trains. ``overwrite`` lets the run replace an earlier run in its folder."""
 
-    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None):
+    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None, overwrite: bool = False):
         self.group = init_process_group(config.device)
         self.device = process_device(self.group, config.device)
-        self.precision = config.precision = resolve_precision(config.precision, self.device)
         self.resume_from = resume
-        self.resume_state = None
-        if resume is not None:
-            self.resume_state = torch.load(Path(resume) / TRAINING_STATE, map_location="cpu", weights_only=True)
+        self.resume_state = None if resume is None else read_training_state(resume)
+        self.run_dir = Path(config.out)
+        self.overwrite = overwrite
+        self._check_run_dir()
         self.train_set = open_dataset(config.data, "train", config.num_classes, synthetic_size=config.synthetic_size)
         self.val_set = (open_dataset(config.data, "val", self.train_set.num_classes, synthetic_size=config.synthetic_size)
                         if has_split(config.data, "val") else None)
-        if config.crop_size is None:
-            config.crop_size = tuple(self.train_set.default_crop_size)
-        if config.steps is None:
-            config.steps = DEFAULT_STEPS.get(self.train_set.kind, 40_000)
-        if config.warmup_steps is None:
-            config.warmup_steps = min(1500, config.steps // 10)
-        self.config = config
-        self.run_dir = Path(config.out)
+        self._check_samples(config.progress)
+        steps = config.steps or DEFAULT_STEPS.get(self.train_set.kind, 40_000)
+        config = self.config = dataclasses.replace(
+            config, precision=resolve_precision(config.precision, self.device), steps=steps,
+            crop_size=config.crop_size or tuple(self.train_set.default_crop_size),
+            warmup_steps=min(1500, steps // 10) if config.warmup_steps is None else config.warmup_steps,
+        )
+        self.precision = config.precision
         self.start_step = 0 if self.resume_state is None else int(self.resume_state["step"])
         self.skipped_steps = 0 if self.resume_state is None else int(self.resume_state["skipped_steps"])
         self.overflow_steps = 0 if self.resume_state is None else int(self.resume_state.get("fp16_overflow_steps", 0))
+        self.bad_streak = 0  # consecutive steps with a non-finite loss
+        self.last_checkpoint: Path | None = Path(resume) if resume is not None else None
 
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model = self._build_model(resume).to(self.device)
@@ -271,6 +288,9 @@ class Trainer:
             raise DataError(f"crop size {config.crop_size[0]}x{config.crop_size[1]} is below this model's minimum "
                             f"input size {smallest}x{smallest}")
         self.model.train()
+        self.running_stats = [buffer for module in self.model.modules()
+                              if isinstance(module, torch.nn.modules.batchnorm._NormBase)
+                              for buffer in module.buffers(recurse=False)]
         self.ddp_model = self.model
         if self.group.distributed:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -291,6 +311,32 @@ class Trainer:
 
         self.stream = SampleStream(len(self.train_set), config.seed, self.group.rank, self.group.world_size)
         self.samples = AugmentedSamples(self.train_set, TrainTransform(config.crop_size), config.seed)
+
+    def _check_run_dir(self) -> None:
+        """Refuse a folder that holds another run unless overwriting (resuming continues the run
+        in the checkpoint's own folder); before anything is loaded or written."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise DataError(f"{run_dir}: --out must be a folder, this is a file")
+        resumed = Path(self.resume_from).resolve() if self.resume_from is not None else None
+        if resumed is not None and resumed.is_relative_to(run_dir.resolve()):
+            if self.overwrite:
+                raise DataError(f"{run_dir}: --overwrite would delete the checkpoint being resumed ({self.resume_from}); "
+                                "resume without --overwrite to continue the run in its folder")
+            return
+        found = [p.name for p in run_files(run_dir) if not PARTIAL_CHECKPOINT_PATTERN.match(p.name)]
+        if found and not self.overwrite:
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+            raise DataError(f"{run_dir}: already holds a run ({shown}); pass --overwrite to replace it, --resume "
+                            f"{run_dir / (CHECKPOINT_PREFIX + 'NNNNNN')} to continue it, or choose another --out")
+
+    def _check_samples(self, progress: bool) -> None:
+        """Every image/mask pair's headers, before training: all problems reported at once."""
+        datasets = [self.train_set] + ([self.val_set] if self.val_set is not None else [])
+        mine = check_datasets(datasets, self.group.rank, self.group.world_size, progress=progress and self.group.is_main)
+        problems = [problem for share in self.group.all_gather_object(mine) for problem in share]
+        if problems:
+            raise problems_error(problems, "the training and validation data")
 
     # -- construction --
 
@@ -315,9 +361,13 @@ class Trainer:
         return model
 
     def _restore(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise DataError(f"{Path(self.resume_from) / TRAINING_STATE}: the optimizer state does not fit this "
+                            f"model ({type(error).__name__}: {error})") from None
         saved = state["rng"]
         if len(saved) != self.group.world_size:
             self.note(f"warning: the checkpoint was written by {len(saved)} processes, this run has "
@@ -373,6 +423,18 @@ class Trainer:
                 self.scaler.scale(loss / len(micro_batches)).backward()
             losses.append(loss.detach())
         return torch.stack(losses)
+
+    def train_step(self, micro_batches) -> tuple[float, str]:
+        """One optimizer step on the micro-batches; returns optimizer_step's (loss, outcome). A
+        step skipped for a non-finite loss leaves no trace: neither the optimizer nor the
+        GradScaler steps, and the BatchNorm running statistics that the train-mode forward
+        already updated (with NaN, typically) are put back."""
+        running_stats = [buffer.clone() for buffer in self.running_stats]
+        loss, outcome = self.optimizer_step(self.forward_backward(micro_batches))
+        if outcome == "non_finite":
+            with torch.no_grad():
+                torch._foreach_copy_(self.running_stats, running_stats)
+        return loss, outcome
 
     def optimizer_step(self, losses: torch.Tensor) -> tuple[float, str]:
         """Step unless some rank's loss was not finite. Returns (mean loss over ranks and
@@ -486,91 +548,128 @@ class Trainer:
     # -- the loop --
 
     def run(self) -> TrainResult:
-        config, group = self.config, self.group
         started = time.time()
-        log = bar = None
-        if group.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            log = self._open_log()
-            if config.progress:
-                bar = progress_bar(total=config.steps, initial=self.start_step, desc="train", unit="step")
-            self.note(f"training {self.model.config.preset_name() or 'SegFormer'} on {self.train_set.describe()}"
-                      f" | {config.steps} steps, batch {config.batch_size} x {config.grad_accum} accum x "
-                      f"{group.world_size} proc, crop {config.crop_size[0]}x{config.crop_size[1]}, {self.precision}, "
-                      f"kernels={self.model.kernels}, device {self.device}" +
-                      (f" | resuming at step {self.start_step}" if self.start_step else ""))
-            if self.val_set is None:
-                self.note("note: no validation split found; validation is skipped")
-        batches = self._loader()
-        images_per_step = config.batch_size * config.grad_accum * group.world_size
-        window_losses, window_start, window_steps = [], time.time(), 0
-        metrics, last_loss = None, None
+        log = bar = batches = None
         try:
-            for step in range(self.start_step + 1, config.steps + 1):
-                micro_batches = [next(batches) for _ in range(config.grad_accum)]
-                losses = self.forward_backward(micro_batches)
-                loss, outcome = self.optimizer_step(losses)
-                window_steps += 1
-                if outcome == "non_finite":
-                    self.skipped_steps += 1
-                    self.note(f"warning: step {step}: loss is not finite on some process; step skipped "
-                              f"({self.skipped_steps} skipped so far)")
-                else:
-                    self.overflow_steps += outcome == "overflow"
-                    window_losses.append(loss)
-                    last_loss = loss
-                lr = self.optimizer.param_groups[0]["lr"]
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                if step % config.log_every == 0 or step == config.steps:
-                    seconds = time.time() - window_start
-                    record = {"step": step, "event": "train",
-                              "loss": sum(window_losses) / len(window_losses) if window_losses else None,
-                              "lr": lr, "head_lr": self.optimizer.param_groups[-1]["lr"],
-                              "images_per_s": images_per_step * window_steps / max(seconds, 1e-9),
-                              "skipped_steps": self.skipped_steps,
-                              **({"fp16_overflow_steps": self.overflow_steps} if self.scaler.is_enabled() else {}),
-                              "epoch": (step * config.grad_accum * config.batch_size) // self.stream.per_rank,
-                              "time_s": time.time() - started}
-                    shown = float("nan") if record["loss"] is None else record["loss"]
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
-                    elif group.is_main:
-                        print(f"step {step}/{config.steps}  loss {shown:.4f}  lr {lr:.2e}  "
-                              f"{record['images_per_s']:.1f} img/s", flush=True)
-                    self._write(log, record)
-                    window_losses, window_steps = [], 0
-                    window_start = time.time()
+            log, bar = self._prepare_run_dir()
+            batches = self._loader()
+            window = _Window(time.time())
+            for step in range(self.start_step + 1, self.config.steps + 1):
+                loss, outcome = self.train_step([next(batches) for _ in range(self.config.grad_accum)])
+                self._count_step(step, loss, outcome, window)
+                self._report_step(step, loss, window, log, bar, started)
                 paused = time.time()
-                if step < config.steps and config.val_every and step % config.val_every == 0:
-                    metrics = self.validate(step)
-                    if metrics is not None:
-                        self._write(log, _val_record(step, metrics))
-                        self.note(f"step {step}: val mIoU {100 * metrics['mIoU']:.2f}")
-                if config.save_every and step % config.save_every == 0:
-                    path = self.save_checkpoint(step)
-                    if path is not None:
-                        self.note(f"step {step}: checkpoint {path}")
-                window_start += time.time() - paused  # validation and saving are not training throughput
-            if bar is not None:
-                bar.close()
-                bar = None
-            metrics = self.validate(config.steps)
-            files = {}
-            if group.is_main:
-                if metrics is not None:
-                    self._write(log, _val_record(config.steps, metrics))
-                files = self._write_final(metrics)
+                self._validate_and_save(step, log)
+                window.start += time.time() - paused  # validation and saving are not training throughput
+            metrics, files = self._finish(log, bar)
         finally:
-            batches.close()  # stops the loader's worker processes
+            if batches is not None:
+                batches.close()  # stops the loader's worker processes
             if bar is not None:
                 bar.close()
             if log is not None:
                 log.close()
-        group.barrier()
-        seconds = time.time() - started
-        return TrainResult(self.run_dir, config.steps, self.skipped_steps, last_loss, metrics, seconds, files)
+        self.group.barrier()
+        return TrainResult(self.run_dir, self.config.steps, self.skipped_steps, window.last_loss, metrics,
+                           time.time() - started, files)
+
+    def _prepare_run_dir(self):
+        """Main process: the run folder (an overwritten run's files and a killed run's partial
+        checkpoints removed), log.jsonl, the progress bar, the opening note. Returns (log, bar);
+        (None, None) on the other processes."""
+        config = self.config
+        if not self.group.is_main:
+            return None, None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for path in run_files(self.run_dir):
+            if self.overwrite or PARTIAL_CHECKPOINT_PATTERN.match(path.name):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        log = self._open_log()
+        bar = None
+        if config.progress:
+            bar = progress_bar(total=config.steps, initial=self.start_step, desc="train", unit="step")
+        self.note(f"training {self.model.config.preset_name() or 'SegFormer'} on {self.train_set.describe()}"
+                  f" | {config.steps} steps, batch {config.batch_size} x {config.grad_accum} accum x "
+                  f"{self.group.world_size} proc, crop {config.crop_size[0]}x{config.crop_size[1]}, {self.precision}, "
+                  f"kernels={self.model.kernels}, device {self.device}" +
+                  (f" | resuming at step {self.start_step}" if self.start_step else ""))
+        if self.val_set is None:
+            self.note("note: no validation split found; validation is skipped")
+        return log, bar
+
+    def _count_step(self, step: int, loss: float, outcome: str, window: "_Window") -> None:
+        """Count the step's outcome; stop after max_bad_steps non-finite losses in a row."""
+        window.steps += 1
+        if outcome != "non_finite":
+            self.bad_streak = 0
+            self.overflow_steps += outcome == "overflow"
+            window.losses.append(loss)
+            window.last_loss = loss
+            return
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        self.note(f"warning: step {step}: loss is not finite on some process; step skipped "
+                  f"({self.skipped_steps} skipped so far)")
+        if self.bad_streak >= self.config.max_bad_steps:
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
+            raise TrainingDiverged(
+                f"{self.run_dir}: training diverged: the loss was not finite for {self.bad_streak} steps in a row "
+                f"(steps {step - self.bad_streak + 1}..{step}); stopped, {kept} (lower --lr, check the data, or "
+                "raise --max-bad-steps)")
+
+    def _report_step(self, step: int, loss: float, window: "_Window", log, bar, started: float) -> None:
+        """The progress bar, and every log_every steps a log.jsonl line (and a printed line without a bar)."""
+        config = self.config
+        lr = self.optimizer.param_groups[0]["lr"]
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if step % config.log_every != 0 and step != config.steps:
+            return
+        seconds = time.time() - window.start
+        images_per_step = config.batch_size * config.grad_accum * self.group.world_size
+        record = {"step": step, "event": "train",
+                  "loss": sum(window.losses) / len(window.losses) if window.losses else None,
+                  "lr": lr, "head_lr": self.optimizer.param_groups[-1]["lr"],
+                  "images_per_s": images_per_step * window.steps / max(seconds, 1e-9),
+                  "skipped_steps": self.skipped_steps,
+                  **({"fp16_overflow_steps": self.overflow_steps} if self.scaler.is_enabled() else {}),
+                  "epoch": (step * config.grad_accum * config.batch_size) // self.stream.per_rank,
+                  "time_s": time.time() - started}
+        shown = float("nan") if record["loss"] is None else record["loss"]
+        if bar is not None:
+            bar.set_postfix(loss=f"{shown:.4f}", lr=f"{lr:.2e}", img_s=f"{record['images_per_s']:.1f}")
+        elif self.group.is_main:
+            print(f"step {step}/{config.steps}  loss {shown:.4f}  lr {lr:.2e}  "
+                  f"{record['images_per_s']:.1f} img/s", flush=True)
+        self._write(log, record)
+        window.losses, window.steps, window.start = [], 0, time.time()
+
+    def _validate_and_save(self, step: int, log) -> None:
+        """Validation every val_every steps (the final one is _finish's) and a checkpoint every save_every."""
+        config = self.config
+        if step < config.steps and config.val_every and step % config.val_every == 0:
+            metrics = self.validate(step)
+            if metrics is not None:
+                self._write(log, _val_record(step, metrics))
+                self.note(f"step {step}: val mIoU {100 * metrics['mIoU']:.2f}")
+        if config.save_every and step % config.save_every == 0:
+            path = self.save_checkpoint(step)
+            if path is not None:
+                self.last_checkpoint = path
+                self.note(f"step {step}: checkpoint {path}")
+
+    def _finish(self, log, bar) -> tuple[dict | None, dict]:
+        """The final validation and files; returns (metrics, files written)."""
+        if bar is not None:
+            bar.close()
+        metrics = self.validate(self.config.steps)
+        files = {}
+        if self.group.is_main:
+            if metrics is not None:
+                self._write(log, _val_record(self.config.steps, metrics))
+            files = self._write_final(metrics)
+        return metrics, files
 
     def _write(self, log, record: dict) -> None:
         if log is not None:
@@ -587,7 +686,7 @@ class Trainer:
         if metrics is not None:
             (self.run_dir / EVAL_FILE).write_text(json.dumps(json_safe(metrics), indent=2), encoding="utf-8")
             files["eval"] = str(self.run_dir / EVAL_FILE)
-        plot = plot_run(self.run_dir / LOG_FILE, self.run_dir / "training.png", metrics)
+        plot = plot_run(self.run_dir / LOG_FILE, self.run_dir / PLOT_FILE, metrics)
         if plot is None:
             self.note("note: matplotlib is not installed; the training plot is skipped (pip install matplotlib)")
         else:
@@ -598,6 +697,35 @@ class Trainer:
         self.group.close()
 
 
+@dataclass
+class _Window:
+    """The steps since the last log line: their losses (finite ones) and when the window started."""
+
+    start: float
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    last_loss: float | None = None  # of the last step that was not skipped, for the summary
+
+
+def run_files(run_dir: Path) -> list[Path]:
+    """What a training run wrote in ``run_dir``: log, run.json, eval.json, plot, the final model
+    (config.json only beside weights or run.json), checkpoint folders (with their training
+    state) and partial checkpoints. Nothing else there is ever removed."""
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for path in run_dir.iterdir():
+        if path.name == "config.json":
+            ours = any((run_dir / name).is_file() for name in (RUN_INFO, "model.safetensors", "pytorch_model.bin"))
+        elif CHECKPOINT_PATTERN.match(path.name):
+            ours = (path / TRAINING_STATE).is_file()
+        else:
+            ours = path.name in RUN_FILES or PARTIAL_CHECKPOINT_PATTERN.match(path.name) is not None
+        if ours:
+            found.append(path)
+    return sorted(found)
+
+
 def _val_record(step: int, metrics: dict) -> dict:
     return {"step": step, "event": "val", "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"]}
 
@@ -605,41 +733,73 @@ def _val_record(step: int, metrics: dict) -> dict:
 # ---- entry points ------------------------------------------------------------------------------
 
 
-def resume_config(checkpoint: str | os.PathLike, overrides: dict) -> TrainConfig:
-    """The saved run's config, with the settings that do not change the result overridden.
-    Any other setting given with --resume must equal the saved one."""
+TRAINING_STATE_KEYS = ("step", "skipped_steps", "optimizer", "scheduler", "scaler", "rng", "config")
+
+
+def read_training_state(checkpoint: str | os.PathLike) -> dict:
+    """The training state of a checkpoint folder (a DataError naming the file when it is
+    missing, unreadable, corrupt or not written by segformer train)."""
     path = Path(checkpoint)
     state_file = path / TRAINING_STATE
     if not state_file.is_file():
         raise DataError(f"{path}: not a training checkpoint (no {TRAINING_STATE}); --resume takes a "
                         f"{CHECKPOINT_PREFIX}NNNNNN folder written by segformer train")
-    saved = torch.load(state_file, map_location="cpu", weights_only=True)["config"]
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise DataError(f"{state_file}: cannot read the file ({error.strerror or error})") from None
+    except Exception as error:  # torch.load raises many types for a damaged file; none of them is the user's fault
+        raise DataError(f"{state_file}: corrupt or truncated training state ({type(error).__name__}); resume from "
+                        "another checkpoint") from None
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise DataError(f"{state_file}: not a training state written by segformer train (missing {', '.join(missing)})")
+    return state
+
+
+def resume_config(checkpoint: str | os.PathLike, overrides: dict) -> TrainConfig:
+    """The saved run's config, with the settings that do not change the result overridden.
+    ``steps`` may grow (train longer; the learning-rate schedule then follows the new total).
+    Any other setting given with --resume must equal the saved one."""
+    path = Path(checkpoint)
+    state = read_training_state(path)
+    saved = state["config"]
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in saved.items() if k in fields}
     values["out"] = str(path.parent)  # by default the run continues in its own folder
     for name, value in overrides.items():
-        if name in RESUME_OVERRIDABLE:
+        if name == "steps" and value != values.get("steps"):
+            if value <= int(state["step"]):
+                raise DataError(f"--steps {value} with --resume: the checkpoint is at step {state['step']}; "
+                                "give more steps to train longer")
+            values[name] = value
+        elif name in RESUME_OVERRIDABLE:
             values[name] = value
         elif name in values and _normalised(value) != _normalised(values[name]):
             raise DataError(f"--resume continues the saved run exactly; {name} = {value!r} differs from the "
                             f"checkpoint's {values[name]!r}")
-    return TrainConfig(**values)
+    try:
+        return TrainConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"--resume {path}: bad option or saved setting: {error}") from None
 
 
 def _normalised(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def train(config: TrainConfig | None = None, resume: str | os.PathLike | None = None, **settings) -> TrainResult:
+def train(config: TrainConfig | None = None, resume: str | os.PathLike | None = None, overwrite: bool = False,
+          **settings) -> TrainResult:
     """Train (or, with ``resume``, continue) a run; ``settings`` are TrainConfig fields.
-    Under torchrun every process calls this; rank 0 writes the files."""
+    A folder that holds another run is refused unless ``overwrite`` (its run files are then
+    removed first). Under torchrun every process calls this; rank 0 writes the files."""
     if resume is not None:
         if config is not None:
             raise ValueError("train(resume=...) rebuilds the saved config; pass only the settings to change as keywords")
         config = resume_config(resume, settings)
     elif config is None:
         config = TrainConfig(**settings)
-    trainer = Trainer(config, resume=resume)
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     try:
         result = trainer.run()
         if trainer.group.is_main:
