@@ -4,6 +4,8 @@
     segformer train --data path/to/ADEChallengeData2016 --init mit_b0.pth --out runs/ade-b0
     segformer eval --checkpoint runs/ade-b0 --data path/to/ADEChallengeData2016 --mode slide --json eval.json
     segformer predict --checkpoint runs/ade-b0 --out masks/ photos/
+    segformer export --checkpoint runs/ade-b0 --format onnx --out model.onnx
+    segformer bench --smoke --out bench-smoke/
     torchrun --nproc-per-node 8 -m segformer train ...
 
 Bad data or a bad checkpoint ends with a one-line message naming the file and exit code 2.
@@ -112,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=6e-4)
     demo.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark smoke run")
     _add_runtime(demo)
+
+    export = commands.add_parser("export", help="write the model as ONNX or a torch.export program (dynamic B, H, W)")
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="a run folder, checkpoint folder or any checkpoint")
+    export.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+                        help="onnx (needs the export extra) or pt2 (torch.export.save)")
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write, e.g. model.onnx")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; at least 17)")
+
+    bench = commands.add_parser("bench", add_help=False,
+                                help="the kernel and end-to-end benchmark suite (python -m bench); --help for options")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -207,7 +220,45 @@ def run_demo(args) -> int:
                 bench=not args.no_bench, progress=not args.no_progress)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo}
+def run_export(args) -> int:
+    from .evaluate import load_model
+    from .export import EXAMPLE_SHAPE, MIN_EXPORT_SIZE, ONNX_OPSET, export_onnx, export_program
+
+    if args.format == "onnx":
+        from .export import missing_export_packages
+
+        missing = missing_export_packages()
+        if missing:
+            raise DataError(f"ONNX export needs {', '.join(missing)}: pip install 'segformer-kernels[export]'")
+    if args.opset is not None and (args.format != "onnx" or args.opset < 17):
+        raise DataError("--opset is for --format onnx and must be at least 17")
+    model, _ = load_model(args.checkpoint, kernels="torch", device="cpu")
+    started = time.time()
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, opset=args.opset or ONNX_OPSET)
+    else:
+        import torch
+
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(export_program(model), str(path))
+    print(f"exported {args.checkpoint} as {args.format} to {path} in {time.time() - started:.1f} s: input images "
+          f"[B, {model.config.num_channels}, H, W] float (B, H, W dynamic; H, W >= {MIN_EXPORT_SIZE}; traced at "
+          f"{EXAMPLE_SHAPE[1]}x{EXAMPLE_SHAPE[2]}), output logits [B, {model.config.num_labels}, ceil(H/4), ceil(W/4)]")
+    return 0
+
+
+def run_bench(args) -> int:
+    from .benchsuite import run_suite
+
+    try:
+        return run_suite(args.bench_args).returncode
+    except ModuleNotFoundError as error:
+        raise DataError(str(error)) from None
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo, "export": run_export,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
