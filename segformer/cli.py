@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N",
-                         help="base of the test scale: H [W] (default: the training crop; images keep their size "
-                              "for checkpoints without run.json)")
+                         help="resize to the base scale of this crop: H [W] (default: the checkpoint's preprocessing: "
+                              "preprocessor_config.json, else the training crop, else no resize)")
     predict.add_argument("--no-resize", action="store_true", help="feed images at their own size")
     _add_runtime(predict)
 
@@ -198,16 +198,23 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
+    from .evaluate import load_model
     from .palette import palette_for
     from .predict import predict
-    from .transforms import base_scale
+    from .runtime import resolve_device, resolve_precision
 
-    model, info, precision, crop_size = _inference_setup(args)
-    scale = None if args.no_resize or crop_size is None else base_scale(crop_size)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model, info = load_model(args.checkpoint, kernels=args.kernels or "auto", device=device)
+    preprocessing = model.preprocessing
+    if args.crop_size:
+        preprocessing = preprocessing.at_crop(_size(args.crop_size))
+    if args.no_resize:
+        preprocessing = preprocessing.without_resize()
     palette = palette_for(model.config.num_labels, info.get("dataset"))
     started = time.time()
-    records = predict(model, args.inputs, args.out, palette=palette, scale=scale, batch_size=args.batch_size,
-                      precision=precision, progress=not args.no_progress)
+    records = predict(model, args.inputs, args.out, palette=palette, preprocessing=preprocessing,
+                      batch_size=args.batch_size, precision=precision, progress=not args.no_progress)
     print(f"predicted {len(records)} image(s) in {time.time() - started:.1f} s: label and overlay PNGs in {args.out}")
     return 0
 

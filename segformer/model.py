@@ -166,6 +166,7 @@ class SegFormer(nn.Module):
         self.encoder = Encoder(config)
         self.decode_head = DecodeHead(config)
         self._min_image_size = config.min_image_size()
+        self.preprocessing = None  # what segment() does to images; from_pretrained sets the checkpoint's
         self.reset_parameters()
 
     @property
@@ -216,11 +217,15 @@ class SegFormer(nn.Module):
         """Load an HF folder or file, an NVlabs .pth (segmentation or ImageNet backbone) or
         a state dict; see ``segformer.checkpoint.load_pretrained``."""
         from .checkpoint import load_pretrained
+        from .inference import preprocessing_for
 
-        return load_pretrained(
+        model = load_pretrained(
             cls, path, num_classes=num_classes, kernels=kernels, drop_path_rate=drop_path_rate,
             classifier_dropout=classifier_dropout, config=config, strict=strict,
         )
+        if isinstance(path, (str, os.PathLike)):
+            model.preprocessing = preprocessing_for(path)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (pytorch_model.bin without safetensors)
@@ -339,6 +344,18 @@ class SegFormer(nn.Module):
                 f"images are {images.dtype} but the model's weights are {weight.dtype}; convert the images "
                 "or run under torch.autocast"
             )
+
+    # ---- inference on images ---------------------------------------------------------------
+
+    def segment(self, images, *, probabilities: bool = False, batch_size: int = 8, precision: str = "fp32"):
+        """Label maps for one image or a list (PIL images, uint8 [H, W, 3] arrays, file paths)
+        at each image's own size, preprocessed as the checkpoint says (``self.preprocessing``,
+        see ``segformer.inference``); a float tensor [B, 3, H, W] is taken as preprocessed
+        model input. Returns int64 [H, W] per image, or (labels, probabilities [K, H, W])."""
+        from .inference import Preprocessing, segment_images
+
+        return segment_images(self, images, self.preprocessing or Preprocessing(), probabilities=probabilities,
+                              batch_size=batch_size, precision=precision)
 
     # ---- loss --------------------------------------------------------------------------
 
