@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="CHECKPOINT_DIR", default=None,
                        help="continue a run exactly from RUN_DIR/checkpoint-NNNNNN")
     train.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder (default runs/train)")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (custom ops included)")
+    train.add_argument("--sync-bn", action="store_true", default=None, dest="sync_bn",
+                       help="SyncBatchNorm in the decode head (torchrun on GPUs; elsewhere a note and plain BatchNorm)")
     _add_runtime(train)
 
     evaluate = commands.add_parser("eval", help="mIoU / mAcc / aAcc and per-class IoU of a model on a dataset")
@@ -137,7 +140,8 @@ def run_train(args) -> int:
 
     settings = _given(args, ("model", "init", "data", "num_classes", "batch_size", "steps", "lr", "weight_decay",
                              "warmup_steps", "grad_accum", "drop_path_rate", "seed", "save_every", "val_every",
-                             "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device"))
+                             "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device", "compile",
+                             "sync_bn"))
     if args.crop_size is not None:
         settings["crop_size"] = _size(args.crop_size)
     if args.no_progress:
