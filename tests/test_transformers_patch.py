@@ -18,6 +18,10 @@ from tests.helpers import CPU_DTYPES, TOLERANCE, rel_err
 
 transformers = pytest.importorskip("transformers")
 
+# Tests of what is patched and how the model behaves around it run the ops' reference path
+# (fast); the parity tests run the kernels (the Triton interpreter on CPU).
+LOGIC_KERNELS = "torch"
+
 # errors of a deep network's gradients grow with depth: the patched model must be as close
 # to the fp64 model as the unpatched one at the same dtype (or within the dtype's tolerance
 # times this)
@@ -58,11 +62,11 @@ def run(model, images, labels, train, **kwargs):
     return out, {name: p.grad for name, p in model.named_parameters()}
 
 
-def compare(reference_model, dtype, train, images, labels, prepare=lambda m: m, **kwargs):
+def compare(reference_model, dtype, train, images, labels, prepare=lambda m: m, kernels="auto", **kwargs):
     """Run fp64 unpatched, dtype unpatched and dtype patched copies; check logits, loss and
     every parameter gradient; return the patched output."""
     unpatched = prepare(copy.deepcopy(reference_model).to(dtype))
-    patched = sk.patch_transformers(prepare(copy.deepcopy(reference_model).to(dtype)))
+    patched = sk.patch_transformers(prepare(copy.deepcopy(reference_model).to(dtype)), kernels=kernels)
     reference = prepare(copy.deepcopy(reference_model).double())
     ref_out, ref_grads = run(reference, images.double(), labels, train, **kwargs)
     plain_out, plain_grads = run(unpatched, images.to(dtype), labels, train, **kwargs)
@@ -105,7 +109,7 @@ def test_semantic_segmentation_matches_unpatched(segmentation_model, dtype, trai
 
 
 def test_inference_under_no_grad_runs_the_fused_decoder(segmentation_model):
-    images, _ = inputs(33, 50)
+    images, _ = inputs(33, 50, batch=1)
     model = copy.deepcopy(segmentation_model).eval()
     with torch.no_grad():
         expected = model(pixel_values=images).logits
@@ -121,14 +125,14 @@ def test_gradient_checkpointing(segmentation_model):
         model.gradient_checkpointing_enable()
         return model
 
-    compare(segmentation_model, torch.float32, True, images, labels, prepare=checkpointed)
+    compare(segmentation_model, torch.float32, True, images, labels, prepare=checkpointed, kernels=LOGIC_KERNELS)
 
 
 @pytest.mark.parametrize("kind", ["SegformerModel", "SegformerForImageClassification"])
 def test_other_model_classes(kind):
     torch.manual_seed(1)
     model = getattr(transformers, kind)(tiny_config())
-    patched = sk.patch_transformers(copy.deepcopy(model))
+    patched = sk.patch_transformers(copy.deepcopy(model), kernels=LOGIC_KERNELS)
     images = torch.randn(2, 3, 40, 36)
     expected, got = model(pixel_values=images), patched(pixel_values=images)
     key = "logits" if kind.endswith("Classification") else "last_hidden_state"
@@ -143,7 +147,7 @@ def test_patching_twice_is_harmless_and_the_report_lists_what_is_left(segmentati
     assert sk.patch_transformers(model) is model
     first = getattr(model, REPORT_ATTRIBUTE)
     forward = model.decode_head.forward
-    sk.patch_transformers(model, kernels="torch")
+    sk.patch_transformers(model, kernels=LOGIC_KERNELS)
     second = getattr(model, REPORT_ATTRIBUTE)
     assert first.patched == second.patched and first.left_alone == second.left_alone
     assert model.decode_head.forward.__func__ is forward.__func__  # not wrapped twice
@@ -162,7 +166,7 @@ def test_attention_weights_still_come_back():
     config = tiny_config()
     config._attn_implementation = "eager"  # the implementation that returns attention weights
     reference = transformers.SegformerModel(config).eval()
-    model = sk.patch_transformers(copy.deepcopy(reference))
+    model = sk.patch_transformers(copy.deepcopy(reference), kernels=LOGIC_KERNELS)
     images = torch.randn(1, 3, 33, 33)
     with torch.no_grad():
         out = model(pixel_values=images, output_attentions=True)
@@ -189,18 +193,19 @@ def test_rejects_what_is_not_a_module():
         sk.patch_transformers(nn.Linear(2, 2), kernels="cuda")
 
 
-@pytest.mark.slow
 def test_hf_trainer_step_matches_unpatched(segmentation_model, tmp_path):
-    pytest.importorskip("accelerate")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     images, labels = inputs(32, 32, batch=4)
     samples = [{"pixel_values": i, "labels": label} for i, label in zip(images, labels)]
-    args = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
-                save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0)
+    # plain SGD: Adam would blow the rounding noise of gradients that are zero in exact
+    # arithmetic (key biases) up to full-size steps
+    args = dict(per_device_train_batch_size=4, max_steps=2, learning_rate=0.1, optim="sgd", report_to=[],
+                use_cpu=True, save_strategy="no", logging_strategy="no", seed=0, dataloader_num_workers=0)
     trained = []
     for patch in (False, True):
         model = copy.deepcopy(segmentation_model)
         if patch:
-            sk.patch_transformers(model)
+            sk.patch_transformers(model, kernels=LOGIC_KERNELS)
         trainer = transformers.Trainer(
             model=model, train_dataset=samples,
             args=transformers.TrainingArguments(output_dir=str(tmp_path / str(patch)), **args),
@@ -208,8 +213,12 @@ def test_hf_trainer_step_matches_unpatched(segmentation_model, tmp_path):
         result = trainer.train()
         assert math.isfinite(result.training_loss)
         trained.append(model)
-    for (name, want), got in zip(trained[0].named_parameters(), trained[1].parameters()):
-        assert rel_err(got, want) < 1e-4, name
+    moved = 0
+    for (name, want), got, start in zip(trained[0].named_parameters(), trained[1].parameters(),
+                                        segmentation_model.parameters()):
+        assert rel_err(got - start, want - start) < 1e-3, name  # the same update
+        moved += bool((want != start).any())
+    assert moved > 0
 
 
 # ---- the transformers 4.x layout, from stand-in modules with its attribute names and signatures ----
@@ -338,8 +347,8 @@ class Layout4(nn.Module):
         return self.decode_head([maps[0], maps[1], pooled, F.avg_pool2d(pooled, 2, ceil_mode=True)])
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_transformers_4_layout(dtype, train):
     torch.manual_seed(2)
     reference_model = Layout4()
@@ -367,7 +376,7 @@ def test_transformers_4_layout_attention_weights_and_activations():
     attention = Attention4(16, 2, 2)
     x = torch.randn(2, 35, 16)
     expected = attention(x, 5, 7, output_attentions=True)
-    sk.patch_transformers(attention)
+    sk.patch_transformers(attention, kernels=LOGIC_KERNELS)
     got = attention(x, 5, 7, output_attentions=True)
     assert len(got) == 2 and rel_err(got[1], expected[1]) < 1e-6
     assert rel_err(attention(x, 5, 7)[0], expected[0]) < 1e-5
