@@ -268,12 +268,19 @@ def run_bench(args) -> int:
         raise DataError(str(error)) from None
 
 
+def _bench_arguments(argv: list[str]) -> argparse.Namespace:
+    """``segformer bench ARGS``: every ARG goes to the suite's own parser (argparse would
+    take options after a subcommand as its own)."""
+    return argparse.Namespace(command="bench", bench_args=argv[1:])
+
+
 COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo, "export": run_export,
             "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _bench_arguments(argv) if argv[:1] == ["bench"] else build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except DataError as error:

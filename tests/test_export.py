@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from segformer import SegFormer, SegFormerConfig
 from segformer.cli import main
 from segformer.export import EXAMPLE_SHAPE, export_program
-from tests.helpers import rel_err
+from tests.helpers import rel_err, tiny_segformer
 
 # other than the traced EXAMPLE_SHAPE, in batch, height and width
 SIZES = [(1, 64, 64), (3, 97, 130)]
@@ -18,10 +17,7 @@ SIZES = [(1, 64, 64), (3, 97, 130)]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = SegFormerConfig.preset("b0").replace(num_labels=4, hidden_sizes=(16, 32, 32, 64), decoder_hidden_size=32,
-                                                  depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 2, 4))
-    return SegFormer(config, kernels="torch").eval()
+    return tiny_segformer().eval()
 
 
 def test_torch_export_with_dynamic_sizes(model):

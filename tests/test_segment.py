@@ -10,18 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
-from segformer import SegFormer, SegFormerConfig
+from segformer import SegFormer
 from segformer.cli import main
 from segformer.inference import Preprocessing, preprocessing_for
 from segformer.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tests.helpers import tiny_segformer
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = SegFormerConfig.preset("b0").replace(num_labels=4, hidden_sizes=(16, 32, 32, 64), decoder_hidden_size=32,
-                                                  depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 2, 4))
-    return SegFormer(config, kernels="torch").eval()
+    return tiny_segformer().eval()
 
 
 def pictures(seed=0):

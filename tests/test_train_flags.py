@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segformer import SegFormer, SegFormerConfig
 from segformer.cli import build_parser
 from segformer.train import TrainConfig, train
-from tests.helpers import rel_err
-
-
-def tiny_model(kernels="auto"):
-    torch.manual_seed(0)
-    config = SegFormerConfig.preset("b0").replace(num_labels=3, hidden_sizes=(16, 16, 16, 16), decoder_hidden_size=16,
-                                                  depths=(1, 1, 1, 1), num_attention_heads=(1, 1, 1, 1),
-                                                  drop_path_rate=0.0, classifier_dropout_prob=0.0)
-    return SegFormer(config, kernels=kernels)
+from tests.helpers import rel_err, tiny_segformer
 
 
 @pytest.mark.slow
 def test_compiled_model_is_one_graph_with_the_custom_ops():
-    model = tiny_model()
+    model = tiny_segformer(3, kernels="auto", drop_path_rate=0.0, classifier_dropout_prob=0.0)
     images = torch.randn(2, 3, 33, 35)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     loss = compiled(images).square().mean()
