@@ -22,8 +22,11 @@ def test_compiled_model_is_one_graph_with_the_custom_ops():
     expected = model(images).square().mean()
     expected.backward()
     assert rel_err(loss, expected) < 1e-5
-    for got, want in zip(grads, (p.grad for p in model.parameters())):
-        assert rel_err(got, want) < 1e-4
+    wanted = [p.grad for p in model.parameters()]
+    # the floor: gradients that are zero in exact arithmetic (a key bias's, say)
+    floor = 1e-3 * max(want.norm().item() for want in wanted)
+    for got, want in zip(grads, wanted):
+        assert (got - want).norm().item() <= 1e-4 * max(want.norm().item(), floor)
 
 
 def test_cli_flags_reach_the_config():
