@@ -56,12 +56,11 @@ def spatial_reduction(
     -> [B, (H//sr)*(W//sr), C_out]. Rows and columns past (H//sr)*sr are dropped,
     as the strided convolution drops them.
     """
-    batch, _, channels = x.shape
     height, width = hw
     sr = weight.shape[-1]
     # a patch's C*sr*sr vector times the Linear is the kernel=stride=sr convolution; written
     # as one, no step depends on whether sr divides the grid (sizes stay symbolic in export)
-    image = x.transpose(1, 2).reshape(batch, channels, height, width)
+    image = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # a channels-last view, no copy
     reduced = F.conv2d(image, weight, bias, stride=sr).flatten(2).transpose(1, 2)
     return F.layer_norm(reduced, (weight.shape[0],), ln_weight, ln_bias, eps)
 
