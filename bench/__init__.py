@@ -16,3 +16,7 @@ from pathlib import Path
 
 PROVIDERS = ("eager", "sdpa", "compile", "fused", "transformers")
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
+# From a checkout, results go into the repository (bench/results/<gpu>/, runs/bench-smoke/).
+# Installed (pip install segformer-kernels ships this folder as the package segformer_bench),
+# the package folder is read-only in spirit: results go under the current folder instead.
+IN_CHECKOUT = (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file()

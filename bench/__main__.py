@@ -21,7 +21,8 @@ GPU_BUDGET_S = 450.0  # leaves start-up, report and one overrunning compile insi
 def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the pipeline (timings mean nothing)")
-    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/<gpu-name>/, or runs/bench-smoke/ with --smoke)")
+    parser.add_argument("--out", type=Path, help="results folder (default: bench/results/<gpu-name>/, or runs/bench-smoke/ with --smoke; "
+                        "installed: ./bench-results/<gpu-name>/ or ./runs/bench-smoke/)")
     parser.add_argument("--only", metavar="REGEX", help="run only items whose 'suite/op/case/provider' matches, e.g. 'kernel/mix_ffn' or '/compile$'")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {','.join(PROVIDERS)}")
     parser.add_argument("--budget-s", type=float, help=f"stop starting new items after this many seconds (GPU default {GPU_BUDGET_S:.0f}; smoke: none)")

@@ -99,6 +99,15 @@ def git_commit() -> str:
     else ``git rev-parse HEAD`` with ``-dirty`` for uncommitted tracked changes."""
     if os.environ.get("SK_GIT_COMMIT"):
         return os.environ["SK_GIT_COMMIT"]
+    from . import IN_CHECKOUT
+
+    if not IN_CHECKOUT:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"installed segformer-kernels {version('segformer-kernels')}"
+        except PackageNotFoundError:
+            return "unknown"
     try:
         run = lambda *args: subprocess.run(  # noqa: E731
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True

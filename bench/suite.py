@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import PROVIDERS, RESULTS_ROOT
+from . import IN_CHECKOUT, PROVIDERS, RESULTS_ROOT
 from .core import CompileSpec, Context, Item, Skip, make_row, matches, merge_rows, read_rows, write_rows
 from .e2e import e2e_items
 from .measure import REPO_ROOT, CpuTimer, GpuTimer, environment, results_dir_name
@@ -85,9 +85,10 @@ def run_item(item: Item, ctx: Context) -> list[dict]:
 
 
 def default_out(ctx: Context) -> Path:
+    root = REPO_ROOT if IN_CHECKOUT else Path.cwd()
     if ctx.smoke:
-        return REPO_ROOT / "runs" / "bench-smoke"
-    return RESULTS_ROOT / results_dir_name(ctx.env["gpu"])
+        return root / "runs" / "bench-smoke"
+    return (RESULTS_ROOT if IN_CHECKOUT else root / "bench-results") / results_dir_name(ctx.env["gpu"])
 
 
 def print_plan(options: Options) -> None:

@@ -4,6 +4,8 @@
     segformer train --data path/to/ADEChallengeData2016 --init mit_b0.pth --out runs/ade-b0
     segformer eval --checkpoint runs/ade-b0 --data path/to/ADEChallengeData2016 --mode slide --json eval.json
     segformer predict --checkpoint runs/ade-b0 --out masks/ photos/
+    segformer export --checkpoint runs/ade-b0 --format onnx --out model.onnx
+    segformer bench --smoke --out bench-smoke/
     torchrun --nproc-per-node 8 -m segformer train ...
 
 Bad data or a bad checkpoint ends with a one-line message naming the file and exit code 2.
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite(train)
     train.add_argument("--max-bad-steps", type=int, default=None, metavar="N",
                        help="stop (exit 2) after N steps in a row with a non-finite loss (default 10)")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (custom ops included)")
+    train.add_argument("--sync-bn", action="store_true", default=None, dest="sync_bn",
+                       help="SyncBatchNorm in the decode head (torchrun on GPUs; elsewhere a note and plain BatchNorm)")
     _add_runtime(train)
 
     evaluate = commands.add_parser("eval", help="mIoU / mAcc / aAcc and per-class IoU of a model on a dataset")
@@ -106,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="N",
-                         help="base of the test scale: H [W] (default: the training crop; images keep their size "
-                              "for checkpoints without run.json)")
+                         help="resize to the base scale of this crop: H [W] (default: the checkpoint's preprocessing: "
+                              "preprocessor_config.json, else the training crop, else no resize)")
     predict.add_argument("--no-resize", action="store_true", help="feed images at their own size")
     _add_runtime(predict)
 
@@ -121,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-bench", action="store_true", help="skip the kernel benchmark smoke run")
     _add_overwrite(demo)
     _add_runtime(demo)
+
+    export = commands.add_parser("export", help="write the model as ONNX or a torch.export program (dynamic B, H, W)")
+    export.add_argument("--checkpoint", required=True, metavar="DIR", help="a run folder, checkpoint folder or any checkpoint")
+    export.add_argument("--format", choices=("onnx", "pt2"), default="onnx",
+                        help="onnx (needs the export extra) or pt2 (torch.export.save)")
+    export.add_argument("--out", required=True, metavar="PATH", help="file to write, e.g. model.onnx")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; at least 17)")
+
+    bench = commands.add_parser("bench", add_help=False,
+                                help="the kernel and end-to-end benchmark suite (python -m bench); --help for options")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -134,7 +150,7 @@ def run_train(args) -> int:
     settings = _given(args, ("model", "init", "data", "num_classes", "batch_size", "steps", "lr", "weight_decay",
                              "warmup_steps", "grad_accum", "drop_path_rate", "seed", "save_every", "val_every",
                              "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device",
-                             "max_bad_steps"))
+                             "max_bad_steps", "compile", "sync_bn"))
     if args.crop_size is not None:
         settings["crop_size"] = _size(args.crop_size)
     if args.no_progress:
@@ -199,16 +215,23 @@ def run_eval(args) -> int:
 
 
 def run_predict(args) -> int:
+    from .evaluate import load_model
     from .palette import palette_for
     from .predict import predict
-    from .transforms import base_scale
+    from .runtime import resolve_device, resolve_precision
 
-    model, info, precision, crop_size = _inference_setup(args)
-    scale = None if args.no_resize or crop_size is None else base_scale(crop_size)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    model, info = load_model(args.checkpoint, kernels=args.kernels or "auto", device=device)
+    preprocessing = model.preprocessing
+    if args.crop_size:
+        preprocessing = preprocessing.at_crop(_size(args.crop_size))
+    if args.no_resize:
+        preprocessing = preprocessing.without_resize()
     palette = palette_for(model.config.num_labels, info.get("dataset"))
     started = time.time()
-    records = predict(model, args.inputs, args.out, palette=palette, scale=scale, batch_size=args.batch_size,
-                      precision=precision, progress=not args.no_progress)
+    records = predict(model, args.inputs, args.out, palette=palette, preprocessing=preprocessing,
+                      batch_size=args.batch_size, precision=precision, progress=not args.no_progress)
     print(f"predicted {len(records)} image(s) in {time.time() - started:.1f} s: label and overlay PNGs in {args.out}")
     return 0
 
@@ -221,11 +244,56 @@ def run_demo(args) -> int:
                 bench=not args.no_bench, progress=not args.no_progress, overwrite=args.overwrite)
 
 
-COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo}
+def run_export(args) -> int:
+    from .evaluate import load_model
+    from .export import EXAMPLE_SHAPE, MIN_EXPORT_SIZE, ONNX_OPSET, export_onnx, export_program
+
+    if args.format == "onnx":
+        from .export import missing_export_packages
+
+        missing = missing_export_packages()
+        if missing:
+            raise DataError(f"ONNX export needs {', '.join(missing)}: pip install 'segformer-kernels[export]'")
+    if args.opset is not None and (args.format != "onnx" or args.opset < 17):
+        raise DataError("--opset is for --format onnx and must be at least 17")
+    model, _ = load_model(args.checkpoint, kernels="torch", device="cpu")
+    started = time.time()
+    if args.format == "onnx":
+        path = export_onnx(model, args.out, opset=args.opset or ONNX_OPSET)
+    else:
+        import torch
+
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(export_program(model), str(path))
+    print(f"exported {args.checkpoint} as {args.format} to {path} in {time.time() - started:.1f} s: input images "
+          f"[B, {model.config.num_channels}, H, W] float (B, H, W dynamic; H, W >= {MIN_EXPORT_SIZE}; traced at "
+          f"{EXAMPLE_SHAPE[1]}x{EXAMPLE_SHAPE[2]}), output logits [B, {model.config.num_labels}, ceil(H/4), ceil(W/4)]")
+    return 0
+
+
+def run_bench(args) -> int:
+    from .benchsuite import run_suite
+
+    try:
+        return run_suite(args.bench_args).returncode
+    except ModuleNotFoundError as error:
+        raise DataError(str(error)) from None
+
+
+def _bench_arguments(argv: list[str]) -> argparse.Namespace:
+    """``segformer bench ARGS``: every ARG goes to the suite's own parser (argparse would
+    take options after a subcommand as its own)."""
+    return argparse.Namespace(command="bench", bench_args=argv[1:])
+
+
+COMMANDS = {"train": run_train, "eval": run_eval, "predict": run_predict, "demo": run_demo, "export": run_export,
+            "bench": run_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _bench_arguments(argv) if argv[:1] == ["bench"] else build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except DataError as error:

@@ -1,17 +1,15 @@
 """The main job (``segformer demo``): train a model on the synthetic shapes, evaluate the saved
-model, predict a few images, run the kernel benchmark smoke test when ``bench`` is
-importable, and say where everything went. A few minutes on 2 CPU cores; on a GPU the
-same command runs the Triton kernels (kernels="auto")."""
+model, predict a few images, run the kernel benchmark smoke test (``segformer bench --smoke``),
+and say where everything went. A few minutes on 2 CPU cores; on a GPU the same command runs
+the Triton kernels (kernels="auto")."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from .benchsuite import run_suite, suite_module
 from .data import SyntheticShapes, write_sample_files
 from .evaluate import evaluate, load_model
 from .metrics import format_table, json_safe
@@ -71,11 +69,10 @@ def run_demo(out: str = "runs/demo", model: str = "b0", steps: int | None = None
 
 
 def _bench_smoke(out: Path) -> str:
-    """``python -m bench --smoke`` when the repository's bench package is importable."""
-    if importlib.util.find_spec("bench") is None or importlib.util.find_spec("bench.__main__") is None:
-        return "skipped (the bench package is not importable here; run from the repository root)"
-    completed = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], capture_output=True,
-                               text=True, timeout=600)
+    """``segformer bench --smoke``: the installed suite, or the checkout's."""
+    if suite_module() is None:
+        return "skipped (the benchmark suite is neither installed nor importable here)"
+    completed = run_suite(["--smoke", "--out", str(out)], capture_output=True, text=True, timeout=600)
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or [""]
         return f"failed (exit {completed.returncode}): {tail[0]}"

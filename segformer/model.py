@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 import segformer_kernels as sk
 from segformer_kernels._backend import check_kernels
+from segformer_kernels.decoder import decoder_tail, fold_projections, image_as_tokens, tokens_as_image
 
 from . import checkpoint
 from .config import HF_EPS, SegFormerConfig
@@ -50,16 +51,6 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
     keep = 1.0 - rate
     mask = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device).bernoulli_(keep)
     return x * mask.div_(keep)
-
-
-def tokens_as_image(tokens: Tensor, hw: Grid) -> Tensor:
-    """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy."""
-    return tokens.transpose(1, 2).unflatten(2, hw)
-
-
-def image_as_tokens(image: Tensor) -> Tensor:
-    """[B, C, H, W] -> [B, H*W, C]; a view when the map is channels-last."""
-    return image.flatten(2).transpose(1, 2)
 
 
 def add_norm(branch: Tensor, residual: Tensor | None, norm: nn.LayerNorm, kernels: str) -> tuple[Tensor, Tensor]:
@@ -243,60 +234,15 @@ class DecodeHead(KernelModule):
         self.classifier = nn.Conv2d(width, config.num_labels, 1)
 
     def folded_projections(self) -> tuple[list[Tensor], Tensor]:
-        """The decoder fold (docs/design.md, "The decoder fold"). linear_fuse applied to the concat of the
-        upsampled projections equals sum_i up((W_i L_i) F_i) + sum_i W_i b_i, because
-        bilinear resizing commutes with per-pixel linear maps and keeps constants. Returns
-        the composed [D, C_i] weights, stage order, and the summed [D] bias; autograd
-        reaches linear_c and linear_fuse through the composition."""
-        width = self.batch_norm.num_features
-        stages = len(self.linear_c)
-        fuse = self.linear_fuse.weight.flatten(1)  # [D, n*D], column blocks in order c_n .. c_1
-        weights, bias = [], None
-        with torch.autocast(fuse.device.type, enabled=False):
-            for i, projection in enumerate(self.linear_c):
-                block = fuse[:, (stages - 1 - i) * width : (stages - i) * width]
-                weights.append(block @ projection.proj.weight)
-                stage_bias = block @ projection.proj.bias
-                bias = stage_bias if bias is None else bias + stage_bias
-        return weights, bias
+        """The decoder fold (``segformer_kernels.decoder.fold_projections``): the composed
+        [D, C_i] weights, stage order, and the summed [D] bias."""
+        return fold_projections(self.linear_fuse.weight, [projection.proj for projection in self.linear_c])
 
     def forward(self, features: list[Tensor], grids: list[Grid]) -> Tensor:
         """features[i]: stage i's tokens [B, N_i, C_i] on grid grids[i] -> logits [B, K, *grids[0]]."""
         weights, bias = self.folded_projections()
         maps = [F.linear(tokens, weight) for tokens, weight in zip(features, weights)]
-        if not self.training and not torch.is_grad_enabled():
-            return self.fused_inference_tail(maps, grids, bias)
-        return self.fuse_and_classify(maps, grids, bias)
-
-    def fused_inference_tail(self, maps: list[Tensor], grids: list[Grid], bias: Tensor) -> Tensor:
-        """fuse_and_classify for inference, as one op (``sk.decode_head``): BatchNorm with
-        its running statistics is a per-channel scale and shift, into which the folded
-        bias goes too, and dropout is the identity."""
-        norm = self.batch_norm
-        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
-        shift = norm.bias + scale * (bias - norm.running_mean)
-        return sk.decode_head(
-            maps, grids, grids[0], scale, shift, self.classifier.weight.flatten(1), self.classifier.bias,
-            kernels=self.kernels,
-        )
-
-    def fuse_and_classify(self, maps: list[Tensor], grids: list[Grid], bias: Tensor) -> Tensor:
-        """The part after the fold: upsample every stage's [B, N_i, D] map to stage-1 size
-        (bilinear, align_corners=False), sum, add the folded bias, BatchNorm, ReLU, dropout,
-        classifier. In eval mode this is one pass for a fused kernel (BatchNorm folds to a
-        per-channel scale and shift): the seam for ``decode_head``."""
-        size = grids[0]
-        fused = tokens_as_image(maps[0], size)
-        for tokens, grid in zip(maps[1:], grids[1:]):
-            fused = fused + F.interpolate(tokens_as_image(tokens, grid), size=size, mode="bilinear", align_corners=False)
-        fused = fused + bias.to(fused.dtype)[:, None, None]
-        hidden = self.dropout(F.relu(self.batch_norm(fused)))
-        # the 1x1 classifier as bias + [K, D] @ [B, D, N]: the logits come out contiguous
-        # NCHW (as transformers returns them, and as the loss's softmax over channels
-        # wants them) from the channels-last map, with no copy
-        weight = self.classifier.weight.flatten(1).expand(hidden.shape[0], -1, -1)
-        logits = torch.baddbmm(self.classifier.bias[:, None], weight, image_as_tokens(hidden).transpose(1, 2))
-        return logits.unflatten(2, size)
+        return decoder_tail(maps, grids, bias, self.batch_norm, self.dropout, self.classifier, self.kernels)
 
 
 class _Projection(nn.Module):
@@ -329,6 +275,7 @@ class SegFormer(nn.Module):
         self.decode_head = DecodeHead(config)
         self.kernels = kernels
         self._min_image_size = config.min_image_size()
+        self.preprocessing = None  # what segment() does to images; from_pretrained sets the checkpoint's
         self.reset_parameters()
 
     @property
@@ -381,10 +328,15 @@ class SegFormer(nn.Module):
     ) -> "SegFormer":
         """Load an HF folder or file, an NVlabs .pth (segmentation or ImageNet backbone) or
         a state dict; see ``segformer.checkpoint.load_pretrained``."""
-        return checkpoint.load_pretrained(
+        from .inference import preprocessing_for
+
+        model = checkpoint.load_pretrained(
             cls, path, num_classes=num_classes, kernels=kernels, drop_path_rate=drop_path_rate,
             classifier_dropout=classifier_dropout, config=config, strict=strict,
         )
+        if isinstance(path, (str, os.PathLike)):
+            model.preprocessing = preprocessing_for(path)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (pytorch_model.bin without safetensors)
@@ -448,6 +400,18 @@ class SegFormer(nn.Module):
                 f"images are {images.dtype} but the model's weights are {weight.dtype}; convert the images "
                 "or run under torch.autocast"
             )
+
+    # ---- inference on images ---------------------------------------------------------------
+
+    def segment(self, images, *, probabilities: bool = False, batch_size: int = 8, precision: str = "fp32"):
+        """Label maps for one image or a list (PIL images, uint8 [H, W, 3] arrays, file paths)
+        at each image's own size, preprocessed as the checkpoint says (``self.preprocessing``,
+        see ``segformer.inference``); a float tensor [B, 3, H, W] is taken as preprocessed
+        model input. Returns int64 [H, W] per image, or (labels, probabilities [K, H, W])."""
+        from .inference import Preprocessing, segment_images
+
+        return segment_images(self, images, self.preprocessing or Preprocessing(), probabilities=probabilities,
+                              batch_size=batch_size, precision=precision)
 
     # ---- loss --------------------------------------------------------------------------
 

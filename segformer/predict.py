@@ -11,19 +11,17 @@ are the class ids (so it opens as a colour picture and reads back as ids); with 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data import IMAGE_SUFFIXES, DataError, image_size, read_image
 from .evaluate import model_logits, out_of_memory_error
 from .palette import colourise
 from .runtime import progress_bar
-from .transforms import eval_image, rescaled_size
+from .inference import Preprocessing, batches_by_size, labels_from_logits
 
 
 def collect_images(inputs: Iterable[str | os.PathLike], skip: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
@@ -82,26 +80,25 @@ def save_overlay_png(image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
 
 
 def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, palette: np.ndarray,
-            scale: tuple[int, int] | None = None, batch_size: int = 8, precision: str = "fp32",
+            preprocessing: Preprocessing | None = None, batch_size: int = 8, precision: str = "fp32",
             progress: bool = False) -> list[dict]:
     """Write OUT/NAME_label.png and OUT/NAME_overlay.png for every input image; returns one
-    {"image", "label", "overlay", "size"} record per image in input order. Images are resized
-    to ``scale`` (the training base scale; None keeps their size) for the model."""
+    {"image", "label", "overlay", "size"} record per image in input order. ``preprocessing``
+    (default: the model's, see ``segformer.inference``) prepares the images; the labels are
+    those ``model.segment`` gives for the same files. Earlier outputs under ``out_dir`` are
+    not read as inputs."""
     images = collect_images(inputs, skip=out_dir)
     out_dir = Path(out_dir)
+    preprocessing = preprocessing or getattr(model, "preprocessing", None) or Preprocessing()
     device = next(model.parameters()).device
     model.eval()
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for position, (path, _) in enumerate(images):
-        height, width = image_size(path)
-        groups[rescaled_size(height, width, scale) if scale else (height, width)].append(position)
-    batches = [members[i : i + batch_size] for members in groups.values() for i in range(0, len(members), batch_size)]
+    sizes = [preprocessing.model_size(*image_size(path)) for path, _ in images]
     records: list[dict | None] = [None] * len(images)
     bar = progress_bar(total=len(images), desc="predict", unit="img", leave=False) if progress else None
-    for batch in batches:
+    for batch in batches_by_size(sizes, batch_size):
         try:
             pictures = [read_image(images[p][0]) for p in batch]
-            inputs_t = torch.stack([eval_image(picture, scale) for picture in pictures]).to(device)
+            inputs_t = torch.stack([preprocessing(picture) for picture in pictures]).to(device)
             logits = model_logits(model, inputs_t, precision)
         except (MemoryError, torch.OutOfMemoryError) as error:
             raise out_of_memory_error(images[batch[0]][0], image_size(images[batch[0]][0]), error) from None
@@ -109,8 +106,7 @@ def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             path, name = images[position]
             size = picture.shape[:2]
             try:
-                resized = F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)
-                labels = resized[0].argmax(dim=0).cpu().numpy()
+                labels = labels_from_logits(image_logits, size, probabilities=False).cpu().numpy()
             except (MemoryError, torch.OutOfMemoryError) as error:
                 raise out_of_memory_error(path, size, error) from None
             label_path, overlay_path = out_dir / f"{name}_label.png", out_dir / f"{name}_overlay.png"
@@ -124,4 +120,3 @@ def predict(model, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     if bar is not None:
         bar.close()
     return records
-

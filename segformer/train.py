@@ -88,6 +88,8 @@ class TrainConfig:
     synthetic_size: int = 128
     progress: bool = True
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
+    compile: bool = False  # torch.compile the model (the custom ops included, one graph)
+    sync_bn: bool = False  # SyncBatchNorm in the decode head under torchrun on GPUs
 
     def __post_init__(self):
         if self.crop_size is not None:
@@ -110,7 +112,7 @@ class TrainConfig:
 
 # settings that may change on --resume without changing the result
 RESUME_OVERRIDABLE = ("out", "save_every", "val_every", "log_every", "workers", "device", "kernels", "progress",
-                      "max_bad_steps")
+                      "max_bad_steps", "compile")
 
 
 class TrainingDiverged(DataError):
@@ -296,6 +298,8 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if config.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, config.lr, config.weight_decay, config.head_lr_mult),
                                            lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
         min_ratio = config.min_lr / config.lr if config.lr > 0 else 0.0
@@ -347,7 +351,7 @@ class Trainer:
         options = dict(kernels=config.kernels, drop_path_rate=config.drop_path_rate,
                        classifier_dropout=config.classifier_dropout)
         if resume is None and config.init is None:
-            return SegFormer.from_config(config.model, num_classes=self.train_set.num_classes, **options)
+            return self._sync_batch_norm(SegFormer.from_config(config.model, num_classes=self.train_set.num_classes, **options))
         source = resume if resume is not None else config.init
         num_classes = {} if resume is not None else {"num_classes": self.train_set.num_classes}
         try:
@@ -358,6 +362,17 @@ class Trainer:
             raise DataError(f"{source}: cannot load the model: {error}") from None
         for warning in caught:  # e.g. "fresh classifier for N classes": shown as a note, not a code location
             self.note(f"note: {warning.message}")
+        return self._sync_batch_norm(model)
+
+    def _sync_batch_norm(self, model):
+        """--sync-bn: the decode head's BatchNorm statistics over all processes, which
+        SyncBatchNorm computes only for CUDA tensors under torch.distributed."""
+        if not self.config.sync_bn:
+            return model
+        if self.group.distributed and self.device.type == "cuda":
+            model.decode_head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.decode_head)
+        else:
+            self.note("note: --sync-bn needs several processes on CUDA GPUs (torchrun); plain BatchNorm here")
         return model
 
     def _restore(self, state: dict) -> None:

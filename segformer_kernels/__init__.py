@@ -8,6 +8,7 @@
     y = sk.mix_ffn(x, (H, W), fc1_w, fc1_b, dw_w, dw_b, fc2_w, fc2_b)
     y = sk.layer_norm(x, w, b, eps)
     logits = sk.decode_head(maps, hws, (H1, W1), scale, shift, cls_w, cls_b)
+    sk.patch_transformers(hf_model)                # a transformers SegFormer on these ops, in place
 
 Every op takes ``kernels="auto" | "triton" | "torch"``: "auto" runs the Triton kernel
 wherever Triton can run (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
@@ -31,6 +32,7 @@ from .ops import (  # noqa: E402
     mix_ffn,
     spatial_reduction,
 )
+from .transformers_patch import PatchReport, patch_transformers  # noqa: E402
 
 __all__ = [
     "KERNEL_CHOICES",
@@ -40,6 +42,8 @@ __all__ = [
     "fused_attention",
     "layer_norm",
     "mix_ffn",
+    "patch_transformers",
+    "PatchReport",
     "reference",
     "spatial_reduction",
     "triton_runs_on",

@@ -45,11 +45,17 @@ def _check_same(names: Sequence[str], tensors: Sequence[Tensor], dtype: bool = T
             raise TypeError(f"{name} is {t.dtype} but {first_name} is {first.dtype}; all must have one dtype")
 
 
+def _is_size(value) -> bool:
+    """An int, or a symbolic one (torch.SymInt) while torch.export / torch.compile trace
+    with dynamic sizes."""
+    return isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool)
+
+
 def _check_hw(hw, tokens: int) -> tuple[int, int]:
     if (
         not isinstance(hw, (tuple, list))
         or len(hw) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in hw)
+        or not all(_is_size(s) for s in hw)
     ):
         raise TypeError(f"hw must be a (H, W) tuple of two ints, got {hw!r}")
     height, width = hw
@@ -263,7 +269,7 @@ def _check_size_pair(name: str, value) -> tuple[int, int]:
     if (
         not isinstance(value, (tuple, list))
         or len(value) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in value)
+        or not all(_is_size(s) for s in value)
     ):
         raise TypeError(f"{name} must be a (H, W) tuple of two ints, got {value!r}")
     if value[0] < 1 or value[1] < 1:

@@ -56,15 +56,12 @@ def spatial_reduction(
     -> [B, (H//sr)*(W//sr), C_out]. Rows and columns past (H//sr)*sr are dropped,
     as the strided convolution drops them.
     """
-    batch, _, channels = x.shape
     height, width = hw
     sr = weight.shape[-1]
-    h, w = height // sr, width // sr
-    grid = x.reshape(batch, height, width, channels)[:, : h * sr, : w * sr]
-    # (B, h, ky, w, kx, C) -> (B, h, w, C, ky, kx): the flattening order of a conv weight
-    patches = grid.reshape(batch, h, sr, w, sr, channels).permute(0, 1, 3, 5, 2, 4)
-    patches = patches.reshape(batch, h * w, channels * sr * sr)
-    reduced = F.linear(patches, weight.reshape(weight.shape[0], -1), bias)
+    # a patch's C*sr*sr vector times the Linear is the kernel=stride=sr convolution; written
+    # as one, no step depends on whether sr divides the grid (sizes stay symbolic in export)
+    image = x.unflatten(1, (height, width)).permute(0, 3, 1, 2)  # a channels-last view, no copy
+    reduced = F.conv2d(image, weight, bias, stride=sr).flatten(2).transpose(1, 2)
     return F.layer_norm(reduced, (weight.shape[0],), ln_weight, ln_bias, eps)
 
 

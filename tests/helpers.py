@@ -103,3 +103,14 @@ def run_every_op(device: torch.device, dtype: torch.dtype = torch.float32) -> li
         sk.decode_head(maps, grids, grids[0], vector(), vector(), make(19, channels, scale=0.2), make(19),
                        kernels="triton")
     return [*runs, "decode_head"]
+
+
+def tiny_segformer(num_labels: int = 4, kernels: str = "torch", **changes):
+    """A seeded SegFormer with B0's structure, one block per stage and narrow stages: fast on CPU."""
+    from segformer import SegFormer, SegFormerConfig
+
+    torch.manual_seed(0)
+    settings = dict(num_labels=num_labels, hidden_sizes=(16, 32, 32, 64), decoder_hidden_size=32, depths=(1, 1, 1, 1),
+                    num_attention_heads=(1, 2, 2, 4))
+    settings.update(changes)
+    return SegFormer(SegFormerConfig.preset("b0").replace(**settings), kernels=kernels)

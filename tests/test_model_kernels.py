@@ -221,6 +221,9 @@ def test_no_layout_copies_between_ops(monkeypatch):
             return call
 
     monkeypatch.setattr(segformer_model, "sk", RecordingOps())
+    import segformer_kernels.decoder as decoder_module  # the decoder tail calls decode_head from there
+
+    monkeypatch.setattr(decoder_module, "decode_head", RecordingOps().decode_head)
     model = SegFormer(b0_config(torch.device("cpu")), kernels="torch").eval()
     images = torch.randn(2, 3, *IMAGE_SIZE)
     with recorder, torch.no_grad():
