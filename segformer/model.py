@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 import segformer_kernels as sk
 from segformer_kernels._backend import check_kernels
+from segformer_kernels.torch_ops import grid_view
 
 from .config import SegFormerConfig
 
@@ -37,8 +38,10 @@ def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
 
 
 def tokens_as_image(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
-    """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy."""
-    return tokens.transpose(1, 2).unflatten(2, hw)
+    """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy (see
+    ``segformer_kernels.torch_ops.grid_view``: canonical strides keep convolutions and
+    resizes on their fast channels-last kernels)."""
+    return grid_view(tokens, hw)
 
 
 def image_as_tokens(image: Tensor) -> Tensor:
