@@ -24,8 +24,28 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils import flop_counter
 
 from .reference import layer_norm  # noqa: F401 - one F.layer_norm call; nothing to rearrange
+
+
+def _count_cpu_attention_flops() -> None:
+    """Give torch.utils.flop_counter formulas for SDPA's CPU kernels (it has them for the
+    CUDA ones only), so FlopCounterMode counts this path's attention like the matmuls."""
+    registry, aten = flop_counter.flop_registry, torch.ops.aten
+    forward, backward = aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in registry:
+        flop_counter.register_flop_formula(forward)(
+            lambda query, key, value, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(query, key, value)
+        )
+    if backward not in registry:
+        flop_counter.register_flop_formula(backward)(
+            lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
+            flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+        )
+
+
+_count_cpu_attention_flops()
 
 
 def grid_view(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
