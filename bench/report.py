@@ -423,7 +423,7 @@ def newest_gpu_results(results_root: Path) -> tuple[Path, list[dict]] | None:
     """The rows.jsonl under ``results_root`` holding the newest GPU (meaningful) timing."""
     best = None
     for path in sorted(results_root.glob("*/rows.jsonl")):
-        rows = [r for r in read_rows(path) if r.get("timings_meaningful")]
+        rows = [r for r in read_rows(path) if r.get("timings_meaningful") and r.get("device") == "cuda"]
         if rows:
             newest = max(r["timestamp"] for r in rows)
             if best is None or newest > best[0]:
