@@ -1,7 +1,7 @@
 """CPU benchmarks: this library's PyTorch path against transformers, and the training
 input pipeline, written as rows like every other benchmark.
 
-    python -m bench --cpu [--out DIR] [--threads T]   # -> bench/results/cpu/ (about 10 min on 2 cores)
+    python -m bench --cpu [--out DIR] [--threads T] [--only pipeline|cpu]   # -> bench/results/cpu/
 
 Inference (suite "cpu"): SegFormer B0 and B2, batch 1, 512x512 and 1024x2048, fp32,
 150 classes; ``eager`` is segformer.SegFormer with kernels="torch" (segformer_kernels.torch_ops),
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import RESULTS_ROOT
-from .core import Context, CompileSpec, make_row, write_rows
+from .core import CompileSpec, Context, make_row, merge_rows, read_rows, write_rows
 from .measure import REPO_ROOT, Memory, Timing, environment
 
 VARIANTS = ("b0", "b2")
@@ -245,7 +245,9 @@ def pipeline_rows(ctx: Context, smoke: bool, log) -> list[dict]:
     return rows
 
 
-def run(out: Path | None, threads: int, smoke: bool = False) -> Path:
+def run(out: Path | None, threads: int, smoke: bool = False, only: str | None = None) -> Path:
+    """Measure and write rows.jsonl; ``only`` ("pipeline" or "cpu") measures one suite and
+    keeps the other's rows already in the folder."""
     ctx = cpu_context(threads)
     out = Path(out) if out else (REPO_ROOT / "runs" / "bench-cpu-smoke" if smoke else RESULTS_ROOT / "cpu")
     torch.set_num_threads(threads)
@@ -256,9 +258,14 @@ def run(out: Path | None, threads: int, smoke: bool = False) -> Path:
         print(f"{row['id']}: {ms}{row['images_per_s']:.1f} img/s{peak}", flush=True)
 
     print(f"# {ctx.env['gpu']}, torch {ctx.env['torch']}, commit {ctx.env['git_commit']}; {ctx.timer.name}")
-    rows = pipeline_rows(ctx, smoke, log)
-    rows += inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log)
-    write_rows(out / "rows.jsonl", rows)
+    rows = []
+    if only in (None, "pipeline"):
+        rows += pipeline_rows(ctx, smoke, log)
+    if only in (None, "cpu"):
+        rows += inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log)
+    path = out / "rows.jsonl"
+    earlier = read_rows(path) if only and path.exists() else []
+    write_rows(path, merge_rows([r for r in earlier if r["suite"] != only], rows))
     from .report import write_performance
 
     write_performance(RESULTS_ROOT, RESULTS_ROOT / "PERFORMANCE.md" if out.resolve().parent == RESULTS_ROOT.resolve()

@@ -11,10 +11,11 @@ The training pipeline draws every choice first (``TrainTransform.draw``), then a
 them cropping before resizing: the crop is chosen on the resized label through index
 maps (nearest neighbour, the same pixels a full resize would give), and only the source
 window under the crop is resized, in uint8 (bilinear, align_corners=False, the full
-resize's scale; the window starts on a whole source pixel, so the crop may sit up to one
-source pixel off the full resize's grid). Brightness and contrast before the colour
-changes are one uint8 lookup table; the colour changes (HSV saturation and hue) and the
-last contrast and normalisation run in float on the crop only.
+resize's scale; the window starts on a whole source pixel, so the crop sits less than
+one source pixel off the full resize's grid, and its first row and column may clamp).
+Brightness and contrast before the colour changes are one uint8 lookup table; the colour
+changes (HSV saturation and hue) and the last contrast and normalisation run in float
+on the crop only.
 
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
 
@@ -109,8 +110,9 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.rando
         left = int(rng.integers(0, width - crop_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = label[rows[top : top + crop_h, None], cols[None, left : left + crop_w]]
-        counts = np.bincount(window[window != IGNORE_INDEX])
+        window = label[rows[top : top + crop_h]][:, cols[left : left + crop_w]]
+        counts = np.bincount(window.ravel(), minlength=IGNORE_INDEX + 1)
+        counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
@@ -166,15 +168,20 @@ def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: in
     sixths from the largest channel, chroma C = V - min scaled and capped at V."""
     value, largest = rgb.max(dim=0)
     chroma = value - rgb.min(dim=0).values
-    # (G - B, B - R, R - G): the hue numerator when R, G or B is the largest
-    differences = rgb[[1, 2, 0]] - rgb[[2, 0, 1]]
-    sixths = differences.gather(0, largest[None])[0].div_(chroma.clamp(min=1e-12)).add_(2.0 * largest)
-    if hue is not None:
-        sixths.add_(hue / 30.0)
+    if hue is None:
+        if saturation is None:
+            return rgb
+        # same hue and value: each channel's distance below V scales with the chroma
+        factor = torch.minimum(value / chroma.clamp(min=1e-12), torch.tensor(saturation, dtype=rgb.dtype))
+        return torch.addcmul(value, value - rgb, factor, value=-1.0)
+    # the hue numerator: the channel after the largest minus the one before it (G - B when R is largest)
+    following = rgb.gather(0, (largest + 1).remainder_(3)[None])[0]
+    preceding = rgb.gather(0, (largest + 2).remainder_(3)[None])[0]
+    sixths = following.sub_(preceding).div_(chroma.clamp(min=1e-12)).add_(2.0 * largest).add_(hue / 30.0)
     if saturation is not None:
         chroma = torch.minimum(chroma * saturation, value)
     k = (_CHANNEL_SEXTANTS + sixths).remainder_(6.0)
-    return value - chroma * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(value, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
 
 
 class TrainTransform:
@@ -189,8 +196,9 @@ class TrainTransform:
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = photometric
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        # normalisation as one multiply-add: (x - mean) / std = x * inverse_std + shift
         self.inverse_std = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.shift = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * self.inverse_std
 
     def draw(self, label: np.ndarray, rng: np.random.Generator) -> "Augmentation":
         """Every random choice for this sample, in the order the generator is read."""
@@ -224,7 +232,7 @@ class TrainTransform:
             rgb = saturate_and_rotate_hue(rgb, photometric.saturation, photometric.hue)
         if photometric.contrast is not None and not photometric.contrast_first:
             rgb = rgb.mul_(photometric.contrast).clamp_(0.0, 255.0)
-        rgb = rgb.sub_(self.mean).mul_(self.inverse_std)
+        rgb = torch.addcmul(self.shift, rgb, self.inverse_std)
         pad_h, pad_w = self.crop_size[0] - crop_h, self.crop_size[1] - crop_w
         if pad_h or pad_w:  # bottom/right padding; padded pixels are ignored by the loss
             rgb = F.pad(rgb, (0, pad_w, 0, pad_h), value=0.0)
@@ -263,6 +271,9 @@ def _source_window(size_in: int, size_out: int, start: int, length: int) -> tupl
     """[first, last) source indices that output indices start..start+length-1 of a bilinear
     resize size_in -> size_out (align_corners=False) read."""
     step = size_in / size_out
-    first = max(int(np.floor((start + 0.5) * step - 0.5)), 0)
+    # the window starts at floor(start * step): every output index then reads the full
+    # resize's source coordinate minus frac(start * step), under one source pixel (the
+    # first output index may read past the window's start when upsampling: it clamps)
+    first = min(int(np.floor(start * step)), size_in - 1)
     last = min(int(np.floor((start + length - 0.5) * step - 0.5)) + 2, size_in)
     return first, max(last, first + 1)
