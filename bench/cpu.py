@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import RESULTS_ROOT
-from .core import CompileSpec, Context, make_row, merge_rows, read_rows, write_rows
+from .core import PRIORITY_E2E, CompileSpec, Context, Item, make_row, merge_rows, read_rows, write_rows
 from .measure import REPO_ROOT, Memory, Timing, environment
 
 VARIANTS = ("b0", "b2")
@@ -223,10 +223,24 @@ def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float
         torch.set_num_threads(threads)
 
 
-def pipeline_rows(ctx: Context, smoke: bool, log) -> list[dict]:
+def pipeline_case(smoke: bool) -> tuple[tuple[int, int], tuple[int, int], str]:
     source, crop = SMOKE_PIPELINE if smoke else (PIPELINE_SOURCE, PIPELINE_CROP)
+    return source, crop, f"{source[0]}x{source[1]}-jpeg-crop{crop[0]}x{crop[1]}"
+
+
+def pipeline_items(smoke: bool) -> list[Item]:
+    """The pipeline rows as an item of the main suite: on a GPU machine they sit beside the
+    training step they have to feed."""
+    _, _, case = pipeline_case(smoke)
+    modes = ("augment", "read+augment", *(f"workers-{n}" for n in WORKERS))
+    return [Item(suite="pipeline", op="train-transform", case=case, provider="ours", modes=modes, priority=PRIORITY_E2E,
+                 est_s=0.0 if smoke else 30.0, dtype="uint8", batch=1,
+                 run=lambda ctx: pipeline_rows(ctx, smoke))]
+
+
+def pipeline_rows(ctx: Context, smoke: bool, log=None) -> list[dict]:
+    source, crop, case = pipeline_case(smoke)
     rates = pipeline_rate(source, crop, seconds=0.2 if smoke else 10.0)
-    case = f"{source[0]}x{source[1]}-jpeg-crop{crop[0]}x{crop[1]}"
     rows = []
     for mode, rate in rates.items():
         rows.append(make_row(ctx, suite="pipeline", op="train-transform", case=case, provider="ours", mode=mode,
@@ -241,7 +255,8 @@ def pipeline_rows(ctx: Context, smoke: bool, log) -> list[dict]:
                              note=f"{workers} x the one-worker read+augment rate (workers run in parallel on their own cores)",
                              images_per_s=rate))
     for row in rows:
-        log(row)
+        if log is not None:
+            log(row)
     return rows
 
 

@@ -195,3 +195,24 @@ def test_performance_says_plainly_when_nothing_was_measured_on_a_gpu(tmp_path):
     (smoke_like / "rows.jsonl").write_text(json.dumps({"timings_meaningful": False, "timestamp": "x"}) + "\n")
     text = write_performance(tmp_path / "results", tmp_path / "PERFORMANCE.md").read_text()
     assert "Nothing has been measured on a GPU yet" in text
+
+
+def test_cpu_suite_rows_and_performance_section(tmp_path):
+    """`python -m bench --cpu --smoke`: inference rows for ours and transformers with peak
+    memory from a fresh process, pipeline rows, and the CPU part of the Performance section."""
+    pytest.importorskip("transformers")
+    from bench import cpu
+
+    out = cpu.run(tmp_path / "results" / "cpu", threads=1, smoke=True)
+    rows = read_rows(out / "rows.jsonl")
+    inference = {r["provider"]: r for r in rows if r["suite"] == "cpu"}
+    assert set(inference) == {"eager", "transformers"}
+    for row in inference.values():
+        assert row["status"] == "ok" and row["ms_p50"] > 0 and row["peak_over_start_mb"] is not None
+        assert "relative error" in inference["eager"]["note"]
+    modes = {r["mode"]: r for r in rows if r["suite"] == "pipeline"}
+    assert {"augment", "read+augment", "workers-4"} <= set(modes)
+    assert modes["workers-4"]["images_per_s"] == pytest.approx(4 * modes["read+augment"]["images_per_s"])
+    text = write_performance(tmp_path / "results", tmp_path / "PERFORMANCE.md").read_text()
+    assert "Nothing has been measured on a GPU yet" in text
+    assert "### On CPU" in text and "| segformer-b0 | 64x64-bs1 |" in text and "### Input pipeline" in text
