@@ -110,8 +110,8 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.rando
         left = int(rng.integers(0, width - crop_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = label[rows[top : top + crop_h]][:, cols[left : left + crop_w]]
-        counts = np.bincount(window.ravel(), minlength=IGNORE_INDEX + 1)
+        window = np.take(label[rows[top : top + crop_h]], cols[left : left + crop_w], axis=1)  # C-contiguous
+        counts = np.bincount(window.reshape(-1), minlength=IGNORE_INDEX + 1)
         counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
