@@ -20,7 +20,10 @@ worker runs) making 512x512 training crops from 512x683 JPEG + PNG pairs, either
 decoded arrays (``augment``: segformer.transforms.TrainTransform alone) or from the files
 (``read+augment``: JPEG and PNG decoding with segformer.data's readers, then the
 transform); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
-rate, with the training steps per second that feeds at batch 8 in the shape).
+rate, with the training steps per second that feeds at batch 8 in the shape). Rates come
+from wall time; the one-worker rows also give the rate from the process's CPU time
+(``shape.cpu_images_per_s``), what a worker with a core to itself delivers on a machine
+where other processes compete for the cores.
 """
 
 from __future__ import annotations
@@ -213,11 +216,11 @@ def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float
             rates = {}
             for mode, step in (("augment", augment), ("read+augment", read_and_augment)):
                 step(0)
-                count, started = 0, time.perf_counter()
+                count, started, cpu_started = 0, time.perf_counter(), time.process_time()
                 while count < 20 or time.perf_counter() - started < seconds:
                     step(count)
                     count += 1
-                rates[mode] = count / (time.perf_counter() - started)
+                rates[mode] = (count / (time.perf_counter() - started), count / (time.process_time() - cpu_started))
             return rates
     finally:
         torch.set_num_threads(threads)
@@ -242,12 +245,15 @@ def pipeline_rows(ctx: Context, smoke: bool, log=None) -> list[dict]:
     source, crop, case = pipeline_case(smoke)
     rates = pipeline_rate(source, crop, seconds=0.2 if smoke else 10.0)
     rows = []
-    for mode, rate in rates.items():
+    for mode, (rate, cpu_rate) in rates.items():
         rows.append(make_row(ctx, suite="pipeline", op="train-transform", case=case, provider="ours", mode=mode,
-                             dtype="uint8", batch=1, shape={"source": list(source), "crop": list(crop), "workers": 1},
-                             note="one worker, one thread", images_per_s=rate, ms_p50=1e3 / rate))
+                             dtype="uint8", batch=1,
+                             shape={"source": list(source), "crop": list(crop), "workers": 1, "cpu_images_per_s": cpu_rate},
+                             note="one worker, one thread; images_per_s from wall time, cpu_images_per_s from the "
+                                  "process's CPU time (what a worker with a core to itself delivers)",
+                             images_per_s=rate, ms_p50=1e3 / rate))
     for workers in WORKERS:
-        rate = workers * rates["read+augment"]
+        rate = workers * rates["read+augment"][0]
         rows.append(make_row(ctx, suite="pipeline", op="train-transform", case=case, provider="ours",
                              mode=f"workers-{workers}", dtype="uint8", batch=TRAIN_BATCH,
                              shape={"source": list(source), "crop": list(crop), "workers": workers,
