@@ -273,20 +273,22 @@ def run(out: Path | None, threads: int, smoke: bool = False, only: str | None = 
     out = Path(out) if out else (REPO_ROOT / "runs" / "bench-cpu-smoke" if smoke else RESULTS_ROOT / "cpu")
     torch.set_num_threads(threads)
 
+    path = out / "rows.jsonl"
+    earlier = [r for r in read_rows(path) if r["suite"] != only] if only and path.exists() else []
+    rows = []
+
     def log(row):
         peak = f", peak +{row['peak_over_start_mb']:.0f} MB" if row.get("peak_over_start_mb") is not None else ""
         ms = f"{row['ms_p50']:.1f} ms, " if row.get("ms_p50") is not None else ""
         print(f"{row['id']}: {ms}{row['images_per_s']:.1f} img/s{peak}", flush=True)
+        rows.append(row)
+        write_rows(path, merge_rows(earlier, rows))  # after every row: a run stopped early keeps what it measured
 
     print(f"# {ctx.env['gpu']}, torch {ctx.env['torch']}, commit {ctx.env['git_commit']}; {ctx.timer.name}")
-    rows = []
     if only in (None, "pipeline"):
-        rows += pipeline_rows(ctx, smoke, log)
+        pipeline_rows(ctx, smoke, log)
     if only in (None, "cpu"):
-        rows += inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log)
-    path = out / "rows.jsonl"
-    earlier = read_rows(path) if only and path.exists() else []
-    write_rows(path, merge_rows([r for r in earlier if r["suite"] != only], rows))
+        inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log)
     from .report import write_performance
 
     write_performance(RESULTS_ROOT, RESULTS_ROOT / "PERFORMANCE.md" if out.resolve().parent == RESULTS_ROOT.resolve()
