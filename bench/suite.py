@@ -57,7 +57,7 @@ def make_context(options: Options) -> Context:
 def describe(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['id']}: {row['status']}: {row['note']}"
-    parts = [f"{row['ms_p50']:.4f} ms"]
+    parts = [f"{row['ms_p50']:.4f} ms"] if row.get("ms_p50") is not None else []
     if row.get("images_per_s"):
         parts.append(f"{row['images_per_s']:.1f} img/s")
     if row.get("frac_roofline") is not None:

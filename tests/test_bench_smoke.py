@@ -76,8 +76,9 @@ def test_smoke_run_writes_rows_report_and_plots(tmp_path):
     assert mix_fwd["saved_activation_bytes"] > 0
     assert {r["mode"] for r in rows if r["suite"] == "e2e" and r["status"] == "ok"} == {"inference", "train_step"}
     assert {r["op"] for r in rows if r["suite"] == "ceiling"} == {"copy", "gemm"}
+    assert {"augment", "read+augment", "workers-4"} <= {r["mode"] for r in rows if r["suite"] == "pipeline" and r["status"] == "ok"}
     report = (tmp_path / "report.md").read_text()
-    assert "these timings mean nothing" in report and "## Kernel benchmarks" in report
+    assert "these timings mean nothing" in report and "## Kernel benchmarks" in report and "## Input pipeline" in report
     assert (tmp_path / "PERFORMANCE.md").read_text().startswith("## Performance")
 
 
