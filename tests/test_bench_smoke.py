@@ -37,7 +37,9 @@ def check_outputs(out: Path) -> list[dict]:
     for row in rows:
         assert set(ROW_FIELDS) <= set(row), f"{row['id']}: missing {set(ROW_FIELDS) - set(row)}"
         assert row["status"] in ("ok", "skipped", "error"), row["id"]
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row["suite"] == "pipeline":  # a rate, no per-call roofline
+            assert row["images_per_s"] > 0, row["id"]
+        elif row["status"] == "ok":
             assert row["min_bytes"] > 0, f"{row['id']}: min_bytes {row['min_bytes']}"
             assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"], row["id"]
             assert row["ms_p50"] > 0 and row["achieved_gbps"] > 0, row["id"]
