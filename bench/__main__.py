@@ -1,4 +1,8 @@
 """python -m bench [--smoke] [--out DIR] [--only REGEX] [--providers LIST] [--budget-s S] ...
+python -m bench --cpu [--threads T] [--out DIR]
+
+With --cpu: the CPU suite (bench/cpu.py): the PyTorch path against transformers and the
+training input pipeline, into bench/results/cpu/.
 
 Without --smoke: the GPU suite (bf16, batch 8 kernel shapes of B0/B2 at 512^2 and a
 1024^2 crop, B0/B2/B5 end to end), results in bench/results/<gpu-name>/.
@@ -29,6 +33,10 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the compile provider on a GPU")
     parser.add_argument("--merge", action="store_true", help="keep the rows already in --out that this run does not measure again")
     parser.add_argument("--list", action="store_true", help="print the planned items in run order and exit")
+    parser.add_argument("--cpu", action="store_true",
+                        help="the CPU suite instead: PyTorch path vs transformers (B0, B2 at 512^2 and 1024x2048) and "
+                             "the input pipeline -> bench/results/cpu/ (with --smoke: tiny sizes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --cpu (default 1; see bench/cpu.py)")
     args = parser.parse_args(argv)
     unknown = set(args.providers.split(",")) - set(PROVIDERS)
     if unknown:
@@ -42,6 +50,14 @@ def main(argv=None) -> None:
         # The fused provider runs through the Triton interpreter on CPU: the variable
         # must be set before triton is first imported, which the imports below do.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if args.cpu:
+        from .cpu import run as run_cpu
+
+        if args.only not in (None, "pipeline", "cpu"):
+            parser_error = f"--cpu takes --only pipeline or --only cpu, got {args.only!r}"
+            raise SystemExit(f"python -m bench: error: {parser_error}")
+        run_cpu(args.out, args.threads, smoke=args.smoke, only=args.only)
+        return
     from .suite import Options, run
 
     budget = args.budget_s if args.budget_s is not None else (math.inf if args.smoke else GPU_BUDGET_S)

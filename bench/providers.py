@@ -114,10 +114,10 @@ def compiled(fn: Callable, spec: CompileSpec, device: torch.device, fullgraph: b
 
 @contextlib.contextmanager
 def sdpa_everywhere():
-    """Route every reference attention call (the model's included: ops.py dispatches
-    through ``reference.<op>``, and reference.fused_attention looks its core up in the
-    module at call time) to SDPA for the duration; yields a one-element call
-    counter so the caller can check the model really went through it."""
+    """Route every reference attention call (reference.fused_attention looks its core up
+    in the module at call time) to SDPA for the duration; yields a one-element call
+    counter so the caller can check the model really went through it (it does not: the
+    model's kernels="torch" path is segformer_kernels.torch_ops, which uses SDPA itself)."""
     calls = [0]
     original = reference.efficient_attention
 

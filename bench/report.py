@@ -272,10 +272,33 @@ def not_measured(rows: Rows) -> list[str]:
     return lines + [""]
 
 
+def pipeline_table(rows: Rows) -> list[str]:
+    """The input pipeline's rates beside the training steps it has to feed: which one
+    bounds training."""
+    pipeline = [r for r in rows.of("pipeline") if r["status"] == "ok"]
+    if not pipeline:
+        return []
+    lines = ["## Input pipeline", "",
+             f"One worker (one thread) making training crops ({pipeline[0]['case']}); `workers-N` is N times the "
+             "read+augment rate, with the training steps per second it feeds at batch 8.", "",
+             "| mode | images/s (wall) | images/s (CPU time) | train steps/s at batch 8 |", "|---|---|---|---|"]
+    for row in pipeline:
+        steps, cpu_rate = row["shape"].get("train_steps_per_s"), row["shape"].get("cpu_images_per_s")
+        lines.append(f"| {row['mode']} | {fmt(row['images_per_s'], 4)} | {fmt(cpu_rate, 4) if cpu_rate else '-'} | "
+                     f"{fmt(steps, 3) if steps else '-'} |")
+    steps = [r for r in rows.of("e2e") if r["mode"] == "train_step" and r["status"] == "ok"]
+    if steps:
+        lines += ["", "Training steps measured in this run (images/s the loader must match):", "",
+                  "| model | provider | case | images/s |", "|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['provider']} | {r['case']} | {fmt(r['images_per_s'], 4)} |" for r in steps]
+    return lines + [""]
+
+
 def report_markdown(rows: list[dict], plots: list[str]) -> str:
     indexed = Rows(rows)
     lines = header(indexed) + ["", "## Targets", ""] + targets_table(indexed) + [""]
-    lines += kernel_tables(indexed) + saved_bytes_table(indexed) + e2e_table(indexed) + not_measured(indexed)
+    lines += kernel_tables(indexed) + saved_bytes_table(indexed) + e2e_table(indexed) + pipeline_table(indexed)
+    lines += not_measured(indexed)
     lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
@@ -423,7 +446,7 @@ def newest_gpu_results(results_root: Path) -> tuple[Path, list[dict]] | None:
     """The rows.jsonl under ``results_root`` holding the newest GPU (meaningful) timing."""
     best = None
     for path in sorted(results_root.glob("*/rows.jsonl")):
-        rows = [r for r in read_rows(path) if r.get("timings_meaningful")]
+        rows = [r for r in read_rows(path) if r.get("timings_meaningful") and r.get("device") == "cuda"]
         if rows:
             newest = max(r["timestamp"] for r in rows)
             if best is None or newest > best[0]:
@@ -468,9 +491,71 @@ def performance_markdown(found: tuple[Path, list[dict]] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# CPU targets: (model, image) -> least speed-up over transformers; memory ratio at 1024x2048
+CPU_SPEED_TARGETS = {("segformer-b0", "512x512-bs1"): 2.5, ("segformer-b2", "512x512-bs1"): 2.0}
+CPU_MEMORY_TARGET = ("1024x2048-bs1", 0.5)
+PIPELINE_TARGET = 150.0
+
+
+def cpu_markdown(rows: list[dict]) -> list[str]:
+    """The CPU rows (bench/results/cpu/): the PyTorch path against transformers, and the
+    input pipeline, against their targets."""
+    indexed = Rows(rows)
+    cpu = [r for r in rows if r["suite"] == "cpu"]
+    lines = ["### On CPU", ""]
+    if cpu:
+        first = cpu[0]
+        lines += [
+            f"`python -m bench --cpu` ({first['timestamp'][:10]}; commit {first['git_commit'][:12]}; torch {first['torch']}; "
+            f"fp32, batch 1; {first['timer']}). `eager` is this library with kernels=\"torch\", `transformers` is "
+            "SegformerForSemanticSegmentation with the same weights; peak MB is the growth of the resident set over one "
+            "call, in a fresh process (bench/cpu.py).", "",
+            "| model | image | ours ms | transformers ms | speed-up | ours peak MB | transformers peak MB | memory ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for op in indexed.distinct("cpu", "op"):
+            for case in indexed.distinct("cpu", "case", op=op):
+                ours, theirs = indexed.ok("cpu", op, case, "inference", "eager"), indexed.ok("cpu", op, case, "inference", "transformers")
+                speed = memory = "-"
+                if ours and theirs:
+                    value = theirs["ms_p50"] / ours["ms_p50"]
+                    goal = CPU_SPEED_TARGETS.get((op, case))
+                    speed = f"{value:.2f}x" + (f" (≥ {goal}x) {'met' if value >= goal else 'missed'}" if goal else "")
+                    if ours["peak_over_start_mb"] and theirs["peak_over_start_mb"]:
+                        value = ours["peak_over_start_mb"] / theirs["peak_over_start_mb"]
+                        goal = CPU_MEMORY_TARGET[1] if case == CPU_MEMORY_TARGET[0] else None
+                        memory = f"{value:.2f}x" + (f" (≤ {goal}x) {'met' if value <= goal else 'missed'}" if goal else "")
+                lines.append(f"| {op} | {case} | {cell(ours, 'ms_p50', 4)} | {cell(theirs, 'ms_p50', 4)} | {speed} | "
+                             f"{cell(ours, 'peak_over_start_mb', 4)} | {cell(theirs, 'peak_over_start_mb', 4)} | {memory} |")
+        lines.append("")
+    pipeline = pipeline_table(indexed)
+    if pipeline:
+        per_worker = indexed.ok("pipeline", "train-transform", pipeline_case(indexed), "read+augment", "ours")
+        if per_worker:
+            value, cpu_rate = per_worker["images_per_s"], per_worker["shape"].get("cpu_images_per_s") or 0.0
+            lines += [f"Input pipeline, one worker reading and augmenting: {value:.1f} images/s by wall time, "
+                      f"{cpu_rate:.1f} by CPU time (≥ {PIPELINE_TARGET:.0f}) "
+                      f"{'met' if max(value, cpu_rate) >= PIPELINE_TARGET else 'missed'}.", ""]
+        lines += ["#" + line if line.startswith("## ") else line for line in pipeline]
+    return lines
+
+
+def pipeline_case(rows: Rows) -> str | None:
+    cases = rows.distinct("pipeline", "case")
+    return cases[0] if cases else None
+
+
 def write_performance(results_root: Path, dest: Path) -> Path:
+    """The Performance section: the newest GPU results, then the CPU results in
+    ``results_root``/cpu/ when there are any."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(performance_markdown(newest_gpu_results(results_root)))
+    text = performance_markdown(newest_gpu_results(results_root))
+    cpu_rows = results_root / "cpu" / "rows.jsonl"
+    if cpu_rows.exists():
+        rows = [r for r in read_rows(cpu_rows) if r.get("timings_meaningful") and r.get("suite") in ("cpu", "pipeline")]
+        if rows:
+            text += "\n" + "\n".join(cpu_markdown(rows)) + "\n"
+    dest.write_text(text)
     return dest
 
 

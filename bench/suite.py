@@ -14,6 +14,7 @@ import torch
 
 from . import IN_CHECKOUT, PROVIDERS, RESULTS_ROOT
 from .core import CompileSpec, Context, Item, Skip, make_row, matches, merge_rows, read_rows, write_rows
+from .cpu import pipeline_items
 from .e2e import e2e_items
 from .measure import REPO_ROOT, CpuTimer, GpuTimer, environment, results_dir_name
 from .ops import kernel_items
@@ -36,6 +37,7 @@ class Options:
 
 def plan(options: Options, dtype: torch.dtype) -> list[Item]:
     items = kernel_items(options.smoke, options.providers, dtype) + e2e_items(options.smoke, options.providers, dtype)
+    items += pipeline_items(options.smoke)
     items = [item for item in items if matches(options.only, item.key)]
     return sorted(items, key=lambda item: item.priority)  # stable: plan order within a priority
 
@@ -55,7 +57,7 @@ def make_context(options: Options) -> Context:
 def describe(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['id']}: {row['status']}: {row['note']}"
-    parts = [f"{row['ms_p50']:.4f} ms"]
+    parts = [f"{row['ms_p50']:.4f} ms"] if row.get("ms_p50") is not None else []
     if row.get("images_per_s"):
         parts.append(f"{row['images_per_s']:.1f} img/s")
     if row.get("frac_roofline") is not None:

@@ -7,6 +7,16 @@ padding to the crop size (image 0, label 255). Every random choice is drawn from
 ``numpy.random.Generator`` passed in, so a sample's augmentation depends only on how that
 generator was seeded (the trainer seeds it from (seed, epoch, index)).
 
+The training pipeline draws every choice first (``TrainTransform.draw``), then applies
+them cropping before resizing: the crop is chosen on the resized label through index
+maps (nearest neighbour, the same pixels a full resize would give), and only the source
+window under the crop is resized, in uint8 (bilinear, align_corners=False, the full
+resize's scale; the window starts on a whole source pixel, so the crop sits less than
+one source pixel off the full resize's grid, and its first row and column may clamp).
+Brightness and contrast before the colour changes are one uint8 lookup table; the colour
+changes (HSV saturation and hue) and the last contrast and normalisation run in float
+on the crop only.
+
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
 
 The base scale follows the SegFormer configs: (long, short) = (4 * max(crop), min(crop)),
@@ -15,6 +25,9 @@ most ``long * ratio`` and its short side at most ``short * ratio``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,13 +70,6 @@ def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
-def resize_label(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[H, W] int64, nearest neighbour (labels are never blended)."""
-    if tuple(label.shape) == tuple(size):
-        return label
-    return F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
-
-
 def eval_image(image: np.ndarray, scale: tuple[int, int] | None, ratio: float = 1.0) -> torch.Tensor:
     """uint8 [H, W, 3] -> normalised float32 [3, h, w], resized to ``scale * ratio`` (no
     resize when ``scale`` is None and ratio is 1)."""
@@ -76,88 +82,106 @@ def eval_image(image: np.ndarray, scale: tuple[int, int] | None, ratio: float = 
     return normalize(tensor)
 
 
-# ---- photometric distortion -------------------------------------------------------------------
-
-
-def rgb_to_hsv(image: torch.Tensor) -> torch.Tensor:
-    """[3, H, W] RGB in 0..255 -> (hue in [0, 1), saturation in [0, 1], value in 0..255)."""
-    r, g, b = image
-    value, _ = image.max(dim=0)
-    chroma = value - image.min(dim=0).values
-    saturation = torch.where(value > 0, chroma / value.clamp(min=1e-12), torch.zeros_like(value))
-    safe = chroma.clamp(min=1e-12)
-    hue = torch.where(
-        value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)
-    )
-    hue = torch.where(chroma > 0, (hue / 6.0) % 1.0, torch.zeros_like(hue))
-    return torch.stack([hue, saturation, value])
-
-
-def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
-    hue, saturation, value = hsv
-    sector = torch.floor(hue * 6.0)
-    fraction = hue * 6.0 - sector
-    p = value * (1.0 - saturation)
-    q = value * (1.0 - saturation * fraction)
-    t = value * (1.0 - saturation * (1.0 - fraction))
-    sector = sector.long() % 6
-    # (r, g, b) per hue sector 0..5
-    choices = [(value, t, p), (q, value, p), (p, value, t), (p, q, value), (t, p, value), (value, p, q)]
-    rgb = torch.zeros_like(hsv)
-    for index, channels in enumerate(choices):
-        selected = sector == index
-        for c in range(3):
-            rgb[c] = torch.where(selected, channels[c], rgb[c])
-    return rgb
-
-
-def photometric_distortion(image: torch.Tensor, rng: np.random.Generator, brightness_delta: float = 32.0,
-                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5), hue_delta: int = 18) -> torch.Tensor:
-    """Each distortion applied with probability 1/2; contrast before or after the colour
-    changes (chosen at random). Hue delta is in OpenCV's 0..180 hue units."""
-
-    def clip(x):
-        return x.clamp(0.0, 255.0)
-
-    if rng.integers(2):
-        image = clip(image + rng.uniform(-brightness_delta, brightness_delta))
-    contrast_first = bool(rng.integers(2))
-    if contrast_first and rng.integers(2):
-        image = clip(image * rng.uniform(*contrast_range))
-    change_saturation, saturation = bool(rng.integers(2)), rng.uniform(*saturation_range)
-    change_hue, hue_shift = bool(rng.integers(2)), int(rng.integers(-hue_delta, hue_delta + 1))
-    if change_saturation or change_hue:
-        hsv = rgb_to_hsv(image)
-        if change_saturation:
-            hsv[1] = (hsv[1] * saturation).clamp(0.0, 1.0)
-        if change_hue:
-            hsv[0] = (hsv[0] + hue_shift / 180.0) % 1.0
-        image = clip(hsv_to_rgb(hsv))
-    if not contrast_first and rng.integers(2):
-        image = clip(image * rng.uniform(*contrast_range))
-    return image
-
-
 # ---- training pipeline -------------------------------------------------------------------------
 
 
-def random_crop_box(label: torch.Tensor, crop_size: tuple[int, int], rng: np.random.Generator,
-                    cat_max_ratio: float = 0.75, tries: int = 10) -> tuple[int, int, int, int]:
-    """(top, left, height, width): a random crop; re-drawn (up to ``tries`` times) while one
-    class covers more than ``cat_max_ratio`` of its labelled pixels."""
-    height, width = label.shape
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of each output index of a nearest-neighbour resize, as F.interpolate's
+    "nearest" computes it: floor(i * in / out) in float32, clamped."""
+    if size_in == size_out:
+        return np.arange(size_out)
+    scale = np.float32(size_in / size_out)
+    return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+
+def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.random.Generator,
+                    cat_max_ratio: float = 0.75, tries: int = 10, rows: np.ndarray | None = None,
+                    cols: np.ndarray | None = None) -> tuple[int, int, int, int]:
+    """(top, left, height, width): a random crop of the label resized by the index maps
+    ``rows`` and ``cols`` (resized index -> source index; None: not resized); re-drawn (up
+    to ``tries`` times) while one class covers more than ``cat_max_ratio`` of its labelled
+    pixels."""
+    rows = np.arange(label.shape[0]) if rows is None else rows
+    cols = np.arange(label.shape[1]) if cols is None else cols
+    height, width = len(rows), len(cols)
     crop_h, crop_w = min(crop_size[0], height), min(crop_size[1], width)
     for _ in range(tries):
         top = int(rng.integers(0, height - crop_h + 1))
         left = int(rng.integers(0, width - crop_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = label[top : top + crop_h, left : left + crop_w]
-        counts = torch.bincount(window[window != IGNORE_INDEX].reshape(-1))
+        window = np.take(label[rows[top : top + crop_h]], cols[left : left + crop_w], axis=1)  # C-contiguous
+        counts = np.bincount(window.reshape(-1), minlength=IGNORE_INDEX + 1)
+        counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max().item() / counts.sum().item() < cat_max_ratio:
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
     return top, left, crop_h, crop_w
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """One draw of the photometric distortion; None = that distortion is off. Contrast
+    runs before the colour changes or after them (``contrast_first``); hue is in
+    OpenCV's 0..180 units."""
+
+    brightness: float | None = None
+    contrast: float | None = None
+    contrast_first: bool = False
+    saturation: float | None = None
+    hue: int | None = None
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, brightness_delta: float = 32.0, contrast_range=(0.5, 1.5),
+             saturation_range=(0.5, 1.5), hue_delta: int = 18) -> "Photometric":
+        """Each distortion with probability 1/2, contrast first or last at random (mmseg's
+        PhotoMetricDistortion; the draws in this order keep old seeds' choices)."""
+        brightness = float(rng.uniform(-brightness_delta, brightness_delta)) if rng.integers(2) else None
+        contrast_first = bool(rng.integers(2))
+        contrast = float(rng.uniform(*contrast_range)) if contrast_first and rng.integers(2) else None
+        change_saturation, saturation = bool(rng.integers(2)), float(rng.uniform(*saturation_range))
+        change_hue, hue = bool(rng.integers(2)), int(rng.integers(-hue_delta, hue_delta + 1))
+        if not contrast_first and rng.integers(2):
+            contrast = float(rng.uniform(*contrast_range))
+        return cls(brightness, contrast, contrast_first, saturation if change_saturation else None,
+                   hue if change_hue else None)
+
+
+def tone_table(brightness: float | None, contrast: float | None) -> np.ndarray:
+    """uint8 -> uint8 lookup table of clip(clip(x + brightness) * contrast), rounded."""
+    values = np.arange(256, dtype=np.float32)
+    if brightness is not None:
+        values = np.clip(values + brightness, 0.0, 255.0)
+    if contrast is not None:
+        values = np.clip(values * contrast, 0.0, 255.0)
+    return np.rint(values).astype(np.uint8)
+
+
+# hue sextant offset of each output channel in HSV -> RGB: f(n) = V - C clamp(min(k, 4 - k), 0, 1),
+# k = (n + H) mod 6 with H in sixths of the circle, n = 5, 3, 1 for R, G, B
+_CHANNEL_SEXTANTS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
+
+
+def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: int | None) -> torch.Tensor:
+    """HSV saturation times ``saturation`` (clipped to 1) and hue plus ``hue`` (OpenCV units,
+    180 a full turn) on float RGB [3, H, W] in 0..255, without materialising HSV: hue in
+    sixths from the largest channel, chroma C = V - min scaled and capped at V."""
+    value, largest = rgb.max(dim=0)
+    chroma = value - rgb.min(dim=0).values
+    if hue is None:
+        if saturation is None:
+            return rgb
+        # same hue and value: each channel's distance below V scales with the chroma
+        factor = torch.minimum(value / chroma.clamp(min=1e-12), torch.tensor(saturation, dtype=rgb.dtype))
+        return torch.addcmul(value, value - rgb, factor, value=-1.0)
+    # the hue numerator: the channel after the largest minus the one before it (G - B when R is largest)
+    following = rgb.gather(0, (largest + 1).remainder_(3)[None])[0]
+    preceding = rgb.gather(0, (largest + 2).remainder_(3)[None])[0]
+    sixths = following.sub_(preceding).div_(chroma.clamp(min=1e-12)).add_(2.0 * largest).add_(hue / 30.0)
+    if saturation is not None:
+        chroma = torch.minimum(chroma * saturation, value)
+    k = (_CHANNEL_SEXTANTS + sixths).remainder_(6.0)
+    return torch.addcmul(value, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
 
 
 class TrainTransform:
@@ -172,23 +196,84 @@ class TrainTransform:
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = photometric
+        # normalisation as one multiply-add: (x - mean) / std = x * inverse_std + shift
+        self.inverse_std = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.shift = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * self.inverse_std
+
+    def draw(self, label: np.ndarray, rng: np.random.Generator) -> "Augmentation":
+        """Every random choice for this sample, in the order the generator is read."""
+        height, width = label.shape
+        ratio = float(rng.uniform(*self.ratio_range))
+        size = rescaled_size(height, width, self.scale, ratio)
+        rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
+        box = random_crop_box(label, self.crop_size, rng, self.cat_max_ratio, rows=rows, cols=cols)
+        flip = bool(rng.random() < self.flip_prob)
+        photometric = Photometric.draw(rng) if self.photometric else Photometric()
+        return Augmentation(size, box, flip, photometric)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        image_t = image_to_tensor(image)
-        label_t = torch.from_numpy(np.ascontiguousarray(label)).long()
-        ratio = rng.uniform(*self.ratio_range)
-        size = rescaled_size(*label_t.shape, self.scale, ratio)
-        image_t, label_t = resize_image(image_t, size), resize_label(label_t, size)
-        top, left, crop_h, crop_w = random_crop_box(label_t, self.crop_size, rng, self.cat_max_ratio)
-        image_t = image_t[:, top : top + crop_h, left : left + crop_w]
-        label_t = label_t[top : top + crop_h, left : left + crop_w]
-        if rng.random() < self.flip_prob:
-            image_t, label_t = image_t.flip(-1), label_t.flip(-1)
-        if self.photometric:
-            image_t = photometric_distortion(image_t, rng)
-        image_t = normalize(image_t)
+        return self.apply(image, label, self.draw(label, rng))
+
+    def apply(self, image: np.ndarray, label: np.ndarray, augmentation: "Augmentation") -> tuple[torch.Tensor, torch.Tensor]:
+        (size, (top, left, crop_h, crop_w), flip, photometric) = augmentation
+        height, width = label.shape
+        rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
+        label_crop = torch.from_numpy(np.ascontiguousarray(
+            label[rows[top : top + crop_h, None], cols[None, left : left + crop_w]]
+        )).long()
+        pixels = crop_resized(image, size, (top, left, crop_h, crop_w))  # uint8 [3, h, w]
+        if flip:
+            pixels, label_crop = pixels.flip(-1), label_crop.flip(-1)
+        if photometric.brightness is not None or (photometric.contrast_first and photometric.contrast is not None):
+            table = tone_table(photometric.brightness, photometric.contrast if photometric.contrast_first else None)
+            pixels = torch.from_numpy(np.take(table, pixels.numpy()))
+        rgb = pixels.float()
+        if photometric.saturation is not None or photometric.hue is not None:
+            rgb = saturate_and_rotate_hue(rgb, photometric.saturation, photometric.hue)
+        if photometric.contrast is not None and not photometric.contrast_first:
+            rgb = rgb.mul_(photometric.contrast).clamp_(0.0, 255.0)
+        rgb = torch.addcmul(self.shift, rgb, self.inverse_std)
         pad_h, pad_w = self.crop_size[0] - crop_h, self.crop_size[1] - crop_w
         if pad_h or pad_w:  # bottom/right padding; padded pixels are ignored by the loss
-            image_t = F.pad(image_t, (0, pad_w, 0, pad_h), value=0.0)
-            label_t = F.pad(label_t, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        return image_t.contiguous(), label_t.contiguous()
+            rgb = F.pad(rgb, (0, pad_w, 0, pad_h), value=0.0)
+            label_crop = F.pad(label_crop, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        return rgb.contiguous(), label_crop.contiguous()
+
+
+class Augmentation(NamedTuple):
+    """One sample's draw: the resized (h, w), the crop box (top, left, h, w) in resized
+    coordinates, the flip and the photometric distortion."""
+
+    size: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flip: bool
+    photometric: Photometric
+
+
+def crop_resized(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
+    """The ``box`` (top, left, h, w) of ``image`` (uint8 [H, W, 3]) bilinearly resized to
+    ``size`` (align_corners=False), as uint8 [3, h, w]: only the source window under the
+    box (plus the one neighbour bilinear reads) is resized, at the full resize's scale."""
+    top, left, crop_h, crop_w = box
+    windows = [_source_window(image.shape[axis], size[axis], start, length)
+               for axis, start, length in ((0, top, crop_h), (1, left, crop_w))]
+    (y0, y1), (x0, x1) = windows
+    if tuple(size) == image.shape[:2]:  # ratio 1: the crop itself
+        return torch.from_numpy(np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])).permute(2, 0, 1).contiguous()
+    window = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)[None]
+    resized = torch.ops.aten.upsample_bilinear2d(
+        window, [crop_h, crop_w], False, size[0] / image.shape[0], size[1] / image.shape[1]
+    )
+    return resized[0].contiguous()
+
+
+def _source_window(size_in: int, size_out: int, start: int, length: int) -> tuple[int, int]:
+    """[first, last) source indices that output indices start..start+length-1 of a bilinear
+    resize size_in -> size_out (align_corners=False) read."""
+    step = size_in / size_out
+    # the window starts at floor(start * step): every output index then reads the full
+    # resize's source coordinate minus frac(start * step), under one source pixel (the
+    # first output index may read past the window's start when upsampling: it clamps)
+    first = min(int(np.floor(start * step)), size_in - 1)
+    last = min(int(np.floor((start + length - 0.5) * step - 0.5)) + 2, size_in)
+    return first, max(last, first + 1)

@@ -1,4 +1,5 @@
-"""Triton kernels for SegFormer's hot paths, with a plain-PyTorch reference for each.
+"""Triton kernels for SegFormer's hot paths, with a plain-PyTorch reference (the oracle) and a
+fast PyTorch path for each.
 
     import segformer_kernels as sk
     o = sk.efficient_attention(q, k, v)            # q [B,N,h,d], k/v [B,M,h,d]
@@ -12,10 +13,12 @@
 
 Every op takes ``kernels="auto" | "triton" | "torch"``: "auto" runs the Triton kernel
 wherever Triton can run (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and
-the reference (``segformer_kernels.reference``) elsewhere.
+the PyTorch path (``segformer_kernels.torch_ops``) elsewhere; ``"torch"`` always
+runs the PyTorch path. ``segformer_kernels.reference`` is the plain formula the tests
+compare both against.
 """
 
-from . import reference
+from . import reference, torch_ops
 from ._backend import KERNEL_CHOICES, load_kernels, triton_runs_on
 
 # Before the public names: importing a kernel module (segformer_kernels.layer_norm,
@@ -46,6 +49,7 @@ __all__ = [
     "PatchReport",
     "reference",
     "spatial_reduction",
+    "torch_ops",
     "triton_runs_on",
 ]
 __version__ = "0.1.0"

@@ -1,9 +1,9 @@
-"""Which implementation an op runs: its Triton kernel or the PyTorch reference.
+"""Which implementation an op runs: its Triton kernel or its PyTorch path (``torch_ops``).
 
 The rule, for every op: ``kernels="auto"`` runs the Triton kernel whenever Triton
 can run it (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before
-triton was imported), and the reference otherwise. ``"triton"`` insists on the
-kernel and says why when it cannot run; ``"torch"`` always runs the reference.
+triton was imported), and the PyTorch path otherwise. ``"triton"`` insists on the
+kernel and says why when it cannot run; ``"torch"`` always runs the PyTorch path.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def load_kernels() -> None:
 
 def use_triton(op: str, kernels: str, device: torch.device) -> bool:
     """Decide, for one call of ``op`` on tensors of ``device``, whether to run
-    the Triton kernel (True) or the reference (False)."""
+    the Triton kernel (True) or the PyTorch path (False)."""
     check_kernels(kernels)
     if kernels == "torch":
         return False

@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import decode_head
+from .torch_ops import grid_view
 
 
 def tokens_as_image(tokens: Tensor, hw: tuple[int, int]) -> Tensor:
-    """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy."""
-    return tokens.transpose(1, 2).unflatten(2, hw)
+    """[B, H*W, C] tokens as a [B, C, H, W] map: a channels-last view, no copy (see
+    ``torch_ops.grid_view``: canonical strides keep convolutions and resizes on their fast
+    channels-last kernels)."""
+    return grid_view(tokens, hw)
 
 
 def image_as_tokens(image: Tensor) -> Tensor:

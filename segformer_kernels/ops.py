@@ -1,4 +1,4 @@
-"""The public ops: argument checks, autocast, then the Triton kernel or the reference.
+"""The public ops: argument checks, autocast, then the Triton kernel or the PyTorch path.
 
 Every op takes a keyword-only ``kernels="auto" | "triton" | "torch"`` (see
 ``_backend``). Each checks its arguments up front and raises a ValueError or
@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from . import torch_ops
 from ._backend import autocast_inputs, triton_implementation, use_triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -23,7 +23,7 @@ def _check_tensor(name: str, t, ndim: int | None = None) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 on the reference path), got {t.dtype}")
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 on the PyTorch path), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
@@ -73,18 +73,18 @@ def _check_tokens(x: Tensor) -> None:
 
 
 def _dispatch(op: str, kernels: str, device: torch.device, dtype: torch.dtype):
-    """The function to call: the op's Triton implementation or its reference."""
+    """The function to call: the op's Triton implementation or its PyTorch path (``torch_ops``)."""
     if dtype == torch.float64:
         if kernels == "triton":
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16, got float64")
         kernels = "torch"
     if kernels == "auto" and dtype == torch.bfloat16 and device.type == "cpu":
         # CPU tensors reach Triton only through its interpreter, whose bf16 arithmetic
-        # is wrong: "auto" takes the reference ("triton" still insists, for debugging)
+        # is wrong: "auto" takes the PyTorch path ("triton" still insists, for debugging)
         kernels = "torch"
     if use_triton(op, kernels, device):
         return triton_implementation(op)
-    return getattr(reference, op)
+    return getattr(torch_ops, op)
 
 
 def efficient_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, *, kernels: str = "auto") -> Tensor:
@@ -297,7 +297,7 @@ def decode_head(
     at ``out_hw`` is read without resizing (the kernel's fast path).
 
     The Triton kernel is inference-only (no backward): when a gradient is needed,
-    ``kernels="auto"`` runs the differentiable reference and ``"triton"`` refuses.
+    ``kernels="auto"`` runs the differentiable PyTorch path and ``"triton"`` refuses.
     """
     if not isinstance(maps, (tuple, list)):
         raise TypeError(f"maps must be a list of tensors (one per stage), got {type(maps).__name__}")

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of every op, written to read like the math.
 
-This is the oracle every Triton kernel is tested against and the path the model
-runs where there is no GPU. Tokens are in row-major grid order: token
+This is the oracle every Triton kernel and the production PyTorch path
+(``torch_ops``, what ``kernels="torch"`` runs) are tested against. Tokens are in row-major grid order: token
 ``i * W + j`` is grid cell (i, j) of an (H, W) grid, the layout of
 ``x.flatten(2).transpose(1, 2)`` on an NCHW map.
 """

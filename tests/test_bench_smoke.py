@@ -37,7 +37,9 @@ def check_outputs(out: Path) -> list[dict]:
     for row in rows:
         assert set(ROW_FIELDS) <= set(row), f"{row['id']}: missing {set(ROW_FIELDS) - set(row)}"
         assert row["status"] in ("ok", "skipped", "error"), row["id"]
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row["suite"] == "pipeline":  # a rate, no per-call roofline
+            assert row["images_per_s"] > 0, row["id"]
+        elif row["status"] == "ok":
             assert row["min_bytes"] > 0, f"{row['id']}: min_bytes {row['min_bytes']}"
             assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"], row["id"]
             assert row["ms_p50"] > 0 and row["achieved_gbps"] > 0, row["id"]
@@ -76,8 +78,9 @@ def test_smoke_run_writes_rows_report_and_plots(tmp_path):
     assert mix_fwd["saved_activation_bytes"] > 0
     assert {r["mode"] for r in rows if r["suite"] == "e2e" and r["status"] == "ok"} == {"inference", "train_step"}
     assert {r["op"] for r in rows if r["suite"] == "ceiling"} == {"copy", "gemm"}
+    assert {"augment", "read+augment", "workers-4"} <= {r["mode"] for r in rows if r["suite"] == "pipeline" and r["status"] == "ok"}
     report = (tmp_path / "report.md").read_text()
-    assert "these timings mean nothing" in report and "## Kernel benchmarks" in report
+    assert "these timings mean nothing" in report and "## Kernel benchmarks" in report and "## Input pipeline" in report
     assert (tmp_path / "PERFORMANCE.md").read_text().startswith("## Performance")
 
 
@@ -220,3 +223,24 @@ def test_the_wheel_ships_the_suite_as_segformer_bench(tmp_path):
                    "segformer_kernels/transformers_patch.py", "segformer_kernels/compile_check/__main__.py"):
         assert needed in names, needed
     assert not any(name.startswith("bench/") for name in names)  # no generic top-level "bench"
+
+
+def test_cpu_suite_rows_and_performance_section(tmp_path):
+    """`python -m bench --cpu --smoke`: inference rows for ours and transformers with peak
+    memory from a fresh process, pipeline rows, and the CPU part of the Performance section."""
+    pytest.importorskip("transformers")
+    from bench import cpu
+
+    out = cpu.run(tmp_path / "results" / "cpu", threads=1, smoke=True)
+    rows = read_rows(out / "rows.jsonl")
+    inference = {r["provider"]: r for r in rows if r["suite"] == "cpu"}
+    assert set(inference) == {"eager", "transformers"}
+    for row in inference.values():
+        assert row["status"] == "ok" and row["ms_p50"] > 0 and row["peak_over_start_mb"] is not None
+        assert "relative error" in inference["eager"]["note"]
+    modes = {r["mode"]: r for r in rows if r["suite"] == "pipeline"}
+    assert {"augment", "read+augment", "workers-4"} <= set(modes)
+    assert modes["workers-4"]["images_per_s"] == pytest.approx(4 * modes["read+augment"]["images_per_s"])
+    text = write_performance(tmp_path / "results", tmp_path / "PERFORMANCE.md").read_text()
+    assert "Nothing has been measured on a GPU yet" in text
+    assert "### On CPU" in text and "| segformer-b0 | 64x64-bs1 |" in text and "### Input pipeline" in text

@@ -14,7 +14,7 @@ import torch
 
 import segformer_kernels as sk
 from helpers import TOLERANCE, assert_close, grads, kernel_dtypes
-from segformer_kernels import attention, reference
+from segformer_kernels import attention, reference, torch_ops
 
 fused = importlib.import_module("segformer_kernels.fused_attention")
 
@@ -188,11 +188,11 @@ def test_backward_is_deterministic(device):
 
 def test_public_op_runs_the_kernel(device):
     """sk.fused_attention(kernels="triton") is this kernel (same bits), scale included;
-    kernels="torch" is the reference."""
+    kernels="torch" is the PyTorch path (torch_ops)."""
     inputs, _ = _inputs((3, 31, 6, 2, 16), torch.float16, device, requires_grad=False)
     public = sk.fused_attention(*inputs, 0.5, kernels="triton")
     assert torch.equal(public, fused.fused_attention(*inputs, 0.5))
-    assert torch.equal(sk.fused_attention(*inputs, 0.5, kernels="torch"), reference.fused_attention(*inputs, 0.5))
+    assert torch.equal(sk.fused_attention(*inputs, 0.5, kernels="torch"), torch_ops.fused_attention(*inputs, 0.5))
     assert_close(public, reference.fused_attention(*(t.double() for t in inputs), 0.5), torch.float16)
 
 
@@ -232,9 +232,9 @@ def test_bad_inputs_raise(name, change, error, match, device):
         sk.fused_attention(*changed, kernels="triton")
 
 
-def test_float64_takes_the_reference(device):
+def test_float64_takes_the_pytorch_path(device):
     inputs, _ = _inputs((1, 8, 4, 2, 16), torch.float64, device, requires_grad=False)
-    assert torch.equal(sk.fused_attention(*inputs), reference.fused_attention(*inputs))
+    assert torch.equal(sk.fused_attention(*inputs), torch_ops.fused_attention(*inputs))
     with pytest.raises(TypeError, match="float64"):
         sk.fused_attention(*inputs, kernels="triton")
 
