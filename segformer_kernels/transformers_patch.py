@@ -291,8 +291,8 @@ def _match_decode_head(module):
     stages = getattr(module, "linear_projections", getattr(module, "linear_c", None))
     if not isinstance(stages, nn.ModuleList):
         return None
-    if len(stages) != ops.DECODER_STAGES or not all(_linear(stage, "proj") for stage in stages):
-        return f"decode head without {ops.DECODER_STAGES} linear projections with bias"
+    if not stages or not all(_linear(stage, "proj") for stage in stages):
+        return "decode head without linear projections with bias"
     fuse, norm, classifier = module.linear_fuse, module.batch_norm, module.classifier
     if not (isinstance(fuse, nn.Conv2d) and fuse.kernel_size == (1, 1) and fuse.bias is None):
         return "linear_fuse is not a 1x1 Conv2d without bias"
