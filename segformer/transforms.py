@@ -178,14 +178,16 @@ def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: in
         # same hue and value: each channel's distance below V scales with the chroma
         factor = torch.clamp_max_(value / chroma.clamp(min=1e-12), saturation)
         return torch.addcmul(value, value - rgb, factor, value=-1.0)
-    # the hue numerator: the channel after the largest minus the one before it (G - B when R is largest)
-    red_largest, green_largest = red == value, green == value
-    numerator = torch.where(red_largest, green - blue, torch.where(green_largest, blue - red, red - green))
-    sixths = numerator.div_(chroma.clamp(min=1e-12)).add_(torch.where(red_largest, 0.0, torch.where(green_largest, 2.0, 4.0)))
-    sixths = sixths.add_(hue / 30.0).remainder_(6.0)
+    # hue in sixths times C: the channel after the largest minus the one before it (G - B when R
+    # is largest) plus 2 C per channel index of the largest
+    unless_red = torch.where(green == value, (blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0))
+    sixths = torch.where(red == value, green - blue, unless_red).div_(chroma.clamp(min=1e-12)).add_(hue / 30.0)
+    if abs(hue) >= 30:  # below a sixth of a turn the weights below need no wrapping: h stays in (-2, 6)
+        sixths = sixths.remainder_(6.0)
     if saturation is not None:
         chroma = torch.minimum(chroma * saturation, value)
-    # circular distance d = 3 - ||h - lowest| - 3| on the 6-periodic circle, so 2 - d = ||h - lowest| - 3| - 1
+    # circular distance d = 3 - ||h - lowest| - 3| for |h - lowest| < 6, so 2 - d = ||h - lowest| - 3| - 1;
+    # from 6 to 7 (h down to -2, lowest 5) both sides clamp to 1
     weight = (sixths - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
     return torch.addcmul(value, chroma, weight, value=-1.0)
 

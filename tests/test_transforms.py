@@ -255,7 +255,7 @@ def test_hsv_oracle_round_trip(fresh_seed):
     assert hsv[:, 2, 3].tolist() == pytest.approx([h, s, v * 255], abs=1e-5)
 
 
-@pytest.mark.parametrize("saturation, hue", [(None, 7), (1.4, None), (0.6, -18), (1.5, 18), (None, None)])
+@pytest.mark.parametrize("saturation, hue", [(None, 7), (1.4, None), (0.6, -18), (1.5, 18), (None, -29), (1.2, 45), (0.7, -90), (None, None)])
 def test_saturation_and_hue_match_the_hsv_round_trip(saturation, hue, fresh_seed):
     rgb = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(fresh_seed)).double() * 255
     rgb[:, :5] = rgb[:1, :5]  # grey pixels: no hue
