@@ -18,8 +18,8 @@ mark over one call minus the resident set before it (``peak_mb``: the high-water
 Input pipeline (suite "pipeline"): images/s of one worker (one thread, as a DataLoader
 worker runs) making 512x512 training crops from 512x683 JPEG + PNG pairs, either from
 decoded arrays (``augment``: segformer.transforms.TrainTransform alone) or from the files
-(``read+augment``: JPEG and PNG decoding with segformer.data's readers, then the
-transform); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
+(``read+augment``: JPEG and PNG decoding and the label mapping, as
+segformer.data.FileDataset reads a training sample, then the transform); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
 rate, with the training steps per second that feeds at batch 8 in the shape). Rates come
 from wall time; the one-worker rows also give the rate from the process's CPU time
 (``shape.cpu_images_per_s``), what a worker with a core to itself delivers on a machine
@@ -194,7 +194,7 @@ def pipeline_samples(folder: Path, source: tuple[int, int], count: int = 8) -> l
 
 def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float) -> dict[str, float]:
     """Images/s of one single-threaded worker: transform alone, and reading + transform."""
-    from segformer.data import read_image, read_label_file
+    from segformer.data import SYNTHETIC_CLASSES, FileDataset
     from segformer.transforms import TrainTransform
 
     threads = torch.get_num_threads()
@@ -202,16 +202,15 @@ def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float
     try:
         transform = TrainTransform(crop)
         with tempfile.TemporaryDirectory() as folder:
-            pairs = pipeline_samples(Path(folder), source)
-            decoded = [(read_image(i), read_label_file(l)) for i, l in pairs]
+            files = FileDataset("folder", "train", pipeline_samples(Path(folder), source), SYNTHETIC_CLASSES)
+            decoded = [files[index] for index in range(len(files))]
 
             def augment(n):
                 picture, label = decoded[n % len(decoded)]
                 transform(picture, label, np.random.default_rng([0, 0, n]))
 
             def read_and_augment(n):
-                image_path, label_path = pairs[n % len(pairs)]
-                transform(read_image(image_path), read_label_file(label_path), np.random.default_rng([0, 0, n]))
+                transform(*files[n % len(files)], np.random.default_rng([0, 0, n]))
 
             rates = {}
             for mode, step in (("augment", augment), ("read+augment", read_and_augment)):

@@ -163,8 +163,12 @@ class LabelMap:
         return f"0..{self.num_classes - 1} or {IGNORE_INDEX} (ignore)"
 
     def __call__(self, stored: np.ndarray, path: Path) -> np.ndarray:
-        in_table = (stored >= 0) & (stored < len(self.table))
-        mapped = np.where(in_table, self.table[np.clip(stored, 0, len(self.table) - 1)], -1)
+        # one table lookup once the range is known (an out-of-range value cannot index the table)
+        if stored.size and 0 <= stored.min() and stored.max() < len(self.table):
+            mapped = np.take(self.table, stored)
+        else:
+            in_table = (stored >= 0) & (stored < len(self.table))
+            mapped = np.where(in_table, self.table[np.clip(stored, 0, len(self.table) - 1)], -1)
         if (mapped < 0).any():
             bad = np.unique(stored[mapped < 0])
             shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")

@@ -14,8 +14,10 @@ window under the crop is resized, in uint8 (bilinear, align_corners=False, the f
 resize's scale; the window starts on a whole source pixel, so the crop sits less than
 one source pixel off the full resize's grid, and its first row and column may clamp).
 Brightness and contrast before the colour changes are one uint8 lookup table; the colour
-changes (HSV saturation and hue) and the last contrast and normalisation run in float
-on the crop only.
+changes (HSV saturation and hue, elementwise over the channel planes) and the last
+contrast run in float on the crop only, and only when drawn; normalisation, the one float
+step every sample takes, writes into the padded output. The crop search and the label
+crop read the label as uint8 when its values fit.
 
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
 
@@ -110,8 +112,8 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.rando
         left = int(rng.integers(0, width - crop_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = np.take(label[rows[top : top + crop_h]], cols[left : left + crop_w], axis=1)  # C-contiguous
-        counts = np.bincount(window.reshape(-1), minlength=IGNORE_INDEX + 1)
+        window = np.take(np.take(label, rows[top : top + crop_h], axis=0), cols[left : left + crop_w], axis=1)
+        counts = torch.bincount(torch.from_numpy(window.reshape(-1)), minlength=IGNORE_INDEX + 1).numpy()
         counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
@@ -157,31 +159,37 @@ def tone_table(brightness: float | None, contrast: float | None) -> np.ndarray:
     return np.rint(values).astype(np.uint8)
 
 
-# hue sextant offset of each output channel in HSV -> RGB: f(n) = V - C clamp(min(k, 4 - k), 0, 1),
-# k = (n + H) mod 6 with H in sixths of the circle, n = 5, 3, 1 for R, G, B
-_CHANNEL_SEXTANTS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
+# the hue (in sixths of the circle) at which each of R, G, B is the smallest channel; in HSV -> RGB
+# a channel is V - C * clamp(2 - its circular distance to that hue, 0, 1)
+_LOWEST_AT_HUE = torch.tensor([3.0, 5.0, 1.0]).view(3, 1, 1)
 
 
 def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: int | None) -> torch.Tensor:
     """HSV saturation times ``saturation`` (clipped to 1) and hue plus ``hue`` (OpenCV units,
     180 a full turn) on float RGB [3, H, W] in 0..255, without materialising HSV: hue in
-    sixths from the largest channel, chroma C = V - min scaled and capped at V."""
-    value, largest = rgb.max(dim=0)
-    chroma = value - rgb.min(dim=0).values
+    sixths from the largest channel, chroma C = V - min scaled and capped at V. Elementwise
+    over the three channel planes only (no reductions or gathers across channels)."""
+    red, green, blue = rgb
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
     if hue is None:
         if saturation is None:
             return rgb
         # same hue and value: each channel's distance below V scales with the chroma
-        factor = torch.minimum(value / chroma.clamp(min=1e-12), torch.tensor(saturation, dtype=rgb.dtype))
+        factor = torch.clamp_max_(value / chroma.clamp(min=1e-12), saturation)
         return torch.addcmul(value, value - rgb, factor, value=-1.0)
-    # the hue numerator: the channel after the largest minus the one before it (G - B when R is largest)
-    following = rgb.gather(0, (largest + 1).remainder_(3)[None])[0]
-    preceding = rgb.gather(0, (largest + 2).remainder_(3)[None])[0]
-    sixths = following.sub_(preceding).div_(chroma.clamp(min=1e-12)).add_(2.0 * largest).add_(hue / 30.0)
+    # hue in sixths times C: the channel after the largest minus the one before it (G - B when R
+    # is largest) plus 2 C per channel index of the largest
+    unless_red = torch.where(green == value, (blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0))
+    sixths = torch.where(red == value, green - blue, unless_red).div_(chroma.clamp(min=1e-12)).add_(hue / 30.0)
+    if abs(hue) >= 30:  # below a sixth of a turn the weights below need no wrapping: h stays in (-2, 6)
+        sixths = sixths.remainder_(6.0)
     if saturation is not None:
         chroma = torch.minimum(chroma * saturation, value)
-    k = (_CHANNEL_SEXTANTS + sixths).remainder_(6.0)
-    return torch.addcmul(value, chroma, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0), value=-1.0)
+    # circular distance d = 3 - ||h - lowest| - 3| for |h - lowest| < 6, so 2 - d = ||h - lowest| - 3| - 1;
+    # from 6 to 7 (h down to -2, lowest 5) both sides clamp to 1
+    weight = (sixths - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
+    return torch.addcmul(value, chroma, weight, value=-1.0)
 
 
 class TrainTransform:
@@ -212,32 +220,37 @@ class TrainTransform:
         return Augmentation(size, box, flip, photometric)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        label = compact_label(label)
         return self.apply(image, label, self.draw(label, rng))
 
     def apply(self, image: np.ndarray, label: np.ndarray, augmentation: "Augmentation") -> tuple[torch.Tensor, torch.Tensor]:
         (size, (top, left, crop_h, crop_w), flip, photometric) = augmentation
         height, width = label.shape
         rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
-        label_crop = torch.from_numpy(np.ascontiguousarray(
-            label[rows[top : top + crop_h, None], cols[None, left : left + crop_w]]
-        )).long()
+        cols = cols[left : left + crop_w]
+        # outputs at the crop size; bottom/right padding: image 0, label ignored by the loss
+        image_out = torch.empty(3, *self.crop_size)
+        image_out[:, crop_h:] = 0.0
+        image_out[:, :crop_h, crop_w:] = 0.0
+        label_out = torch.full(self.crop_size, IGNORE_INDEX, dtype=torch.int64)
+        label_rows = np.take(label, rows[top : top + crop_h], axis=0)  # one axis at a time: cheaper than a 2-D index
+        label_out[:crop_h, :crop_w] = torch.from_numpy(np.take(label_rows, cols[::-1] if flip else cols, axis=1))
         pixels = crop_resized(image, size, (top, left, crop_h, crop_w))  # uint8 [3, h, w]
         if flip:
-            pixels, label_crop = pixels.flip(-1), label_crop.flip(-1)
+            pixels = pixels.flip(-1)
         if photometric.brightness is not None or (photometric.contrast_first and photometric.contrast is not None):
             table = tone_table(photometric.brightness, photometric.contrast if photometric.contrast_first else None)
             pixels = torch.from_numpy(np.take(table, pixels.numpy()))
-        rgb = pixels.float()
-        if photometric.saturation is not None or photometric.hue is not None:
-            rgb = saturate_and_rotate_hue(rgb, photometric.saturation, photometric.hue)
-        if photometric.contrast is not None and not photometric.contrast_first:
-            rgb = rgb.mul_(photometric.contrast).clamp_(0.0, 255.0)
-        rgb = torch.addcmul(self.shift, rgb, self.inverse_std)
-        pad_h, pad_w = self.crop_size[0] - crop_h, self.crop_size[1] - crop_w
-        if pad_h or pad_w:  # bottom/right padding; padded pixels are ignored by the loss
-            rgb = F.pad(rgb, (0, pad_w, 0, pad_h), value=0.0)
-            label_crop = F.pad(label_crop, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
-        return rgb.contiguous(), label_crop.contiguous()
+        contrast_last = photometric.contrast if not photometric.contrast_first else None
+        if photometric.saturation is None and photometric.hue is None and contrast_last is None:
+            rgb = pixels  # uint8 until the normalisation
+        else:
+            rgb = saturate_and_rotate_hue(pixels.float(), photometric.saturation, photometric.hue)
+            if contrast_last is not None:
+                rgb = rgb.mul_(contrast_last).clamp_(0.0, 255.0)
+        # normalisation, the one float step every sample takes, written into the padded output
+        torch.addcmul(self.shift, rgb, self.inverse_std, out=image_out[:, :crop_h, :crop_w])
+        return image_out, label_out
 
 
 class Augmentation(NamedTuple):
@@ -248,6 +261,14 @@ class Augmentation(NamedTuple):
     box: tuple[int, int, int, int]
     flip: bool
     photometric: Photometric
+
+
+def compact_label(label: np.ndarray) -> np.ndarray:
+    """The label map as uint8 when its values fit (class ids below 255 and the ignore
+    value): the crop search and the crop then move an eighth of int64's bytes."""
+    if label.dtype != np.uint8 and label.size and 0 <= label.min() and label.max() <= 255:
+        return label.astype(np.uint8)
+    return label
 
 
 def crop_resized(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:

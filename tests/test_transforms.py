@@ -197,6 +197,21 @@ def test_labels_are_never_blended():
         assert set(label_t.unique().tolist()) <= set(np.unique(label).tolist()) | {IGNORE_INDEX}
 
 
+def test_uint8_labels_give_the_same_sample():
+    """The transform reads int64 labels as uint8 where they fit; labels that do not fit
+    (more than 255 classes) take the same path in int64."""
+    picture, label = smooth_scene(5)
+    transform = TrainTransform((64, 64), scale=(480, 120))
+    for seed in range(6):
+        wide = transform(picture, label, np.random.default_rng(seed))
+        narrow = transform(picture, label.astype(np.uint8), np.random.default_rng(seed))
+        assert torch.equal(wide[0], narrow[0]) and torch.equal(wide[1], narrow[1]) and wide[1].dtype == torch.int64
+        many = np.where(label == IGNORE_INDEX, IGNORE_INDEX, label + 300)  # class ids above 255
+        shifted = transform(picture, many, np.random.default_rng(seed))
+        assert torch.equal(shifted[0], wide[0])
+        assert torch.equal(shifted[1], torch.where(wide[1] == IGNORE_INDEX, IGNORE_INDEX, wide[1] + 300))
+
+
 def test_deterministic_per_key():
     picture, label = SyntheticShapes("train", size=64)[0]
     transform = TrainTransform((48, 48))
@@ -240,11 +255,13 @@ def test_hsv_oracle_round_trip(fresh_seed):
     assert hsv[:, 2, 3].tolist() == pytest.approx([h, s, v * 255], abs=1e-5)
 
 
-@pytest.mark.parametrize("saturation, hue", [(None, 7), (1.4, None), (0.6, -18), (1.5, 18), (None, None)])
+@pytest.mark.parametrize("saturation, hue", [(None, 7), (1.4, None), (0.6, -18), (1.5, 18), (None, -29), (1.2, 45), (0.7, -90), (None, None)])
 def test_saturation_and_hue_match_the_hsv_round_trip(saturation, hue, fresh_seed):
     rgb = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(fresh_seed)).double() * 255
     rgb[:, :5] = rgb[:1, :5]  # grey pixels: no hue
     rgb[:, 5:8] = 0.0
+    for row, (r, g, b) in enumerate([(200, 200, 50), (50, 200, 200), (200, 50, 200), (90, 90, 90)]):
+        rgb[:, 8 + row, ::2] = torch.tensor([r, g, b], dtype=rgb.dtype).view(3, 1)  # two (or three) largest tie
     got = saturate_and_rotate_hue(rgb, saturation, hue)
     want = photometric_oracle(rgb, Photometric(saturation=saturation, hue=hue))
     if saturation is None and hue is None:
