@@ -1,4 +1,4 @@
-"""Attention with fused projections (segformer_kernels/fused_attention.py) against the fp64 reference.
+"""Attention with fused projections (segformer_kernels/triton/fused_attention.py) against the fp64 reference.
 
 On CPU these run the Triton interpreter (fp32, fp16); on a GPU the same tests run the
 compiled kernels and add bf16. fp32 pins input_precision="ieee" so tf32 does not eat
@@ -7,16 +7,15 @@ the 1e-5 tolerance.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import segformer_kernels as sk
 from helpers import TOLERANCE, assert_close, grads, kernel_dtypes
-from segformer_kernels import attention, reference, torch_ops
+from segformer_kernels import reference, torch_ops
+from segformer_kernels.triton import attention
+from segformer_kernels.triton import fused_attention as fused
 
-fused = importlib.import_module("segformer_kernels.fused_attention")
 
 # (batch, N, M, heads, head_dim): stages 1-2 of the variants scaled down (sr 8 and 4 on
 # small grids), then odd ones.

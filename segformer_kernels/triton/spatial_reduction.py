@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
-from .compile_check import CompileTarget
+from .launch import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
+from ..compile_check import CompileTarget
 
 # Split the weight-gradient reduction over rows until about this many programs
 # run (a few per SM on current GPUs), but keep every split at least
@@ -543,7 +543,7 @@ def spatial_reduction(
 
     Arguments as segformer_kernels.reference.spatial_reduction, assumed checked
     (``segformer_kernels.spatial_reduction`` checks them). ``input_precision``: see
-    _triton_utils.resolve_input_precision; it only affects fp32 inputs on a GPU."""
+    launch.resolve_input_precision; it only affects fp32 inputs on a GPU."""
     input_precision = resolve_input_precision(x.dtype, input_precision)
     return _spatial_reduction_op(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision)[0]
 

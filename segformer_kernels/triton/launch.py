@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET
+from .._backend import INTERPRET
 
 INPUT_PRECISIONS = ("tf32", "ieee")
 

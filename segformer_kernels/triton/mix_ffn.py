@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compile_check import CompileTarget
+from ..compile_check import CompileTarget
 from .dwconv_gelu import (
     HIDDEN_WIDTHS,
     TRITON_DTYPES,
@@ -37,7 +37,7 @@ from .dwconv_gelu import (
     gelu_grad,
     token_grid_position,
 )
-from ._triton_utils import alignment, kernel_launcher, multiple_of, resolve_input_precision
+from .launch import alignment, kernel_launcher, multiple_of, resolve_input_precision
 
 # Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
 # dwconv_gelu.HIDDEN_WIDTHS).
@@ -330,7 +330,7 @@ def mix_ffn(
     checked, as ``segformer_kernels.mix_ffn`` checks them).
 
     ``input_precision``: how fp32 operands meet the tensor cores in the Triton GEMMs
-    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
+    (see launch.resolve_input_precision); it does not apply to fp16/bf16.
     """
     input_precision = resolve_input_precision(x.dtype, input_precision)
     y, _ = _mix_ffn_op(x, hw[0], hw[1], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,

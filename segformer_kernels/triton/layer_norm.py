@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import kernel_launcher
-from .compile_check import CompileTarget
+from .launch import kernel_launcher
+from ..compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
 # Kernels

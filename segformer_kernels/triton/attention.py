@@ -1,7 +1,7 @@
 """Efficient self-attention core for N >> M: flash-style forward and hand-written backward.
 
 ``softmax(q k^T * scale) v`` for every (batch, head), with q [B, N, h, d] from all N
-tokens and k, v [B, M, h, d] from the spatially reduced sequence (DESIGN.md section 4).
+tokens and k, v [B, M, h, d] from the spatially reduced sequence (docs/design.md, "What is fused, and why").
 The N x M score matrix never reaches memory: the forward keeps an online softmax per
 query row and stores only the row log-sum-exp; the backward recomputes the
 probabilities from q, k and that log-sum-exp.
@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._backend import INTERPRET
-from ._triton_utils import (
+from .._backend import INTERPRET
+from .launch import (
     INPUT_PRECISIONS,
     INTERPRET_AUTOTUNE,
     alignment,
@@ -45,7 +45,7 @@ from ._triton_utils import (
     multiple_of,
     resolve_input_precision,
 )
-from .compile_check import CompileTarget
+from ..compile_check import CompileTarget
 
 LOG2E = 1.4426950408889634
 # Globals a kernel reads must be constexpr.
@@ -493,7 +493,7 @@ def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...]
                  reset_to_zero: tuple[str, ...] = ()) -> None:
     """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
     autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
-    aspect ratio; see _triton_utils.launch_autotuned)."""
+    aspect ratio; see launch.launch_autotuned)."""
     launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
 
 
@@ -669,7 +669,7 @@ def efficient_attention(
 
     Inputs are assumed checked (``segformer_kernels.efficient_attention`` checks them).
     ``input_precision`` sets how fp32 inputs meet the tensor cores: "tf32" or "ieee", or
-    None to follow torch's fp32 matmul setting (see _triton_utils.resolve_input_precision).
+    None to follow torch's fp32 matmul setting (see launch.resolve_input_precision).
     """
     input_precision = resolve_input_precision(q.dtype, input_precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

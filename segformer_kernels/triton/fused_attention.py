@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
-from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
+from .. import reference
+from .launch import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
 from .attention import (
     LOG2E,
     Tile,
@@ -68,7 +68,7 @@ from .attention import (
     launch_tiled,
     sum_key_partials,
 )
-from .compile_check import CompileTarget
+from ..compile_check import CompileTarget
 
 MAX_FUSED_CHANNELS = 128
 MAX_FP32_CHANNELS = 64

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import alignment, kernel_launcher, multiple_of
-from .compile_check import CompileTarget
+from .launch import alignment, kernel_launcher, multiple_of
+from ..compile_check import CompileTarget
 
 # Taps of the 3x3 stencil; the partial-sum buffer has one more row, for the bias gradient.
 TAPS = 9

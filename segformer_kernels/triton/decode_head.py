@@ -1,7 +1,7 @@
 """The folded SegFormer decoder's inference tail in one pass over the output.
 
 logits = classifier(ReLU(scale * sum_i up(z_i) + shift)), with z_i the stage
-maps (four in every SegFormer variant; the kernel reads one to four) after their composed projections (DESIGN.md section 4), still at their own low
+maps (four in every SegFormer variant; the kernel reads one to four) after their composed projections (docs/design.md, "What is fused, and why"), still at their own low
 resolution in token layout [B, h_i*w_i, D], and up = bilinear resize to the output
 grid with align_corners=False.
 
@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
-from ._triton_utils import INPUT_PRECISIONS, kernel_launcher, resolve_input_precision
-from .compile_check import CompileTarget
+from .. import reference
+from .launch import INPUT_PRECISIONS, kernel_launcher, resolve_input_precision
+from ..compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -256,7 +256,7 @@ def decode_head(
     MAX_KERNEL_MAPS maps run the kernel, more the reference.
 
     ``input_precision``: how fp32 inputs meet the tensor cores in the classifier dot
-    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
+    (see launch.resolve_input_precision); it does not apply to fp16/bf16.
     """
     input_precision = resolve_input_precision(maps[0].dtype, input_precision)
     tensors = (*maps, scale, shift, cls_weight, cls_bias)
