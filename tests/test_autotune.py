@@ -12,7 +12,6 @@ import triton.language as tl
 import test_fused_attention
 
 from segformer_kernels.triton import attention, launch
-from segformer_kernels.triton import fused_attention as fused
 
 
 pytestmark = pytest.mark.skipif(not launch.INTERPRET, reason="the interpreter's autotuner; a GPU runs the real one")

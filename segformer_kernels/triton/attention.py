@@ -39,8 +39,10 @@ from .._backend import INTERPRET
 from .launch import (
     INPUT_PRECISIONS,
     INTERPRET_AUTOTUNE,
+    TRITON_DTYPES,
     alignment,
     kernel_launcher,
+    kernel_signature,
     launch_autotuned,
     multiple_of,
     resolve_input_precision,
@@ -679,45 +681,24 @@ def efficient_attention(
 
 # --------------------------------------------------------------------------- compile targets
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _STAT_POINTERS = {"LSE", "DELTA"}  # fp32 [B, h, N] statistics
-_FLOAT_SCALARS = {"scale", "qk_scale"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D"}
+SCALE_ARGUMENTS = {"scale", "qk_scale"}
 HEAD_DIMS = (16, 32, 64, 128)
-
-
-def kernel_signature(kernel, dtype: torch.dtype, tensor_pointers, fp32_pointers, constexprs) -> dict[str, str]:
-    """Triton types of every runtime argument: ``tensor_pointers`` in the input dtype,
-    ``fp32_pointers`` fp32, scale and qk_scale fp32, everything else (strides, sizes)
-    i32; ``constexprs`` are left out."""
-    element = _TRITON_TYPES[dtype]
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            continue
-        if name in fp32_pointers:
-            signature[name] = "*fp32"
-        elif name in tensor_pointers:
-            signature[name] = f"*{element}"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
 
 
 def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
     """Statistics fp32, dK/dV fp32 when they are split partials, other tensors in the input dtype."""
     fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if split_partials else set())
-    return kernel_signature(kernel, dtype, _TENSOR_POINTERS, fp32_pointers, _CONSTEXPRS)
+    return kernel_signature(kernel, dtype, pointers=_TENSOR_POINTERS, fp32_pointers=fp32_pointers,
+                            floats=SCALE_ARGUMENTS)
 
 
 def compile_targets() -> list[CompileTarget]:
     """Every (kernel, config, dtype, head dim, dot precision, layout) the launcher can
     launch on a GPU; dK/dV also with fp32 partial buffers for 16-bit inputs."""
     targets = []
-    for (dtype, element), head_dim, layout in itertools.product(_TRITON_TYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
+    for (dtype, element), head_dim, layout in itertools.product(TRITON_DTYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
         precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
         for (kernel_name, kernel), precision in itertools.product(KERNELS.items(), precisions):
             split_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)

@@ -45,7 +45,15 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
+from .launch import (
+    INPUT_PRECISIONS,
+    TRITON_DTYPES,
+    alignment,
+    kernel_launcher,
+    kernel_signature,
+    multiple_of,
+    resolve_input_precision,
+)
 from .attention import (
     LOG2E,
     Tile,
@@ -62,7 +70,7 @@ from .attention import (
     _store_tile,
     block_d,
     efficient_attention,
-    kernel_signature,
+    SCALE_ARGUMENTS,
     key_gradient_partials,
     launch_configs,
     launch_tiled,
@@ -463,11 +471,6 @@ def _backward(
 
 _TENSOR_POINTERS = {"X", "WQ", "BQ", "K", "V", "WO", "BO", "Y", "O", "DY", "DQ", "DX", "DK", "DV"}
 _STAT_POINTERS = {"LSE", "DELTA", "DBQ", "DBO"}  # fp32 row statistics and bias-gradient partials
-_CONSTEXPRS = {
-    "HEAD_DIM", "BLOCK_D", "BLOCK_C", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D",
-    "SAVE_FOR_BACKWARD",
-}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (C, heads) of stages 1-2 of every variant: B0 32/1 and 64/2, B1-B5 64/1 and 128/2.
 STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
 
@@ -477,7 +480,7 @@ def compile_targets() -> list[CompileTarget]:
     on a GPU; the forward with and without the saved outputs, dK/dV also with fp32
     partial buffers for 16-bit inputs."""
     targets = []
-    for (dtype, element), (channels, heads) in itertools.product(_DTYPE_NAMES.items(), STAGE_SHAPES):
+    for (dtype, element), (channels, heads) in itertools.product(TRITON_DTYPES.items(), STAGE_SHAPES):
         head_dim = channels // heads
         if not fused_kernels_run(channels, head_dim, dtype):
             continue
@@ -498,8 +501,8 @@ def compile_targets() -> list[CompileTarget]:
                 targets.append(CompileTarget(
                     name=f"fused_attention_{kernel_name}",
                     kernel=KERNELS[kernel_name],
-                    signature=kernel_signature(KERNELS[kernel_name], dtype, _TENSOR_POINTERS, fp32_pointers,
-                                               _CONSTEXPRS),
+                    signature=kernel_signature(KERNELS[kernel_name], dtype, pointers=_TENSOR_POINTERS,
+                                               fp32_pointers=fp32_pointers, floats=SCALE_ARGUMENTS),
                     constexprs=constexprs,
                     num_warps=tile.num_warps,
                     num_stages=tile.num_stages,

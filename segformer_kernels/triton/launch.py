@@ -1,5 +1,6 @@
-"""Small pieces every kernel module shares: dot precision, alignment hints, the device
-guard, and autotuning (the one place every autotuned launch goes through)."""
+"""What every kernel module's launchers share: dot precision, alignment hints, the device
+guard, dtype names and kernel signatures for compile targets, and autotuning (the one
+place every autotuned launch goes through)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import functools
 import inspect
 import itertools
 import os
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 import triton
@@ -17,6 +18,9 @@ import triton.language as tl
 from .._backend import INTERPRET
 
 INPUT_PRECISIONS = ("tf32", "ieee")
+
+# Triton's name of each dtype the kernels take, as compile targets' signatures write it.
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # What an fp32 op passes to its custom op when no precision was asked for: the kernel
@@ -57,6 +61,30 @@ def _torch_fp32_matmul_precision() -> str:
     if precision == "none":
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return "tf32" if precision == "tf32" else "ieee"
+
+
+def kernel_signature(kernel, dtype: torch.dtype, *, pointers: Collection[str] | None = None,
+                     fp32_pointers: Collection[str] = (), floats: Collection[str] = ()) -> dict[str, str]:
+    """Triton types of ``kernel``'s runtime arguments for inputs of ``dtype``, as a compile
+    target lists them: tensor pointers (``pointers``, by default the arguments named
+    ``*_ptr``) to ``dtype`` except ``fp32_pointers``, ``floats`` fp32 scalars, everything
+    else (sizes, strides) i32. tl.constexpr arguments are left out."""
+    function = kernel
+    while hasattr(function, "fn"):  # through autotuner, JITFunction or interpreter wrappers
+        function = function.fn
+    parameters = inspect.signature(function).parameters
+    element = TRITON_DTYPES[dtype]
+    signature = {}
+    for name, parameter in parameters.items():
+        if "constexpr" in str(parameter.annotation):
+            continue
+        if name in fp32_pointers:
+            signature[name] = "*fp32"
+        elif name in pointers if pointers is not None else name.endswith("_ptr"):
+            signature[name] = f"*{element}"
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return signature
 
 
 @triton.jit

@@ -40,7 +40,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
+from .launch import (
+    INPUT_PRECISIONS,
+    TRITON_DTYPES,
+    alignment,
+    kernel_launcher,
+    kernel_signature,
+    multiple_of,
+    resolve_input_precision,
+)
 from ..compile_check import CompileTarget
 
 # Split the weight-gradient reduction over rows until about this many programs
@@ -550,23 +558,7 @@ def spatial_reduction(
 
 # ---------------------------------------------------------------- compile targets
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FP32_BUFFERS = {"z_ptr", "mean_ptr", "rstd_ptr", "partial_ptr"}
-
-
-def _signature(kernel, element_type: str) -> dict[str, str]:
-    """Runtime argument types, read off the kernel's argument names: pointers are to
-    the input dtype except the fp32 buffers, eps is a float, UPPER_CASE names are
-    constexprs, the rest are ints."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            continue
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{element_type}"
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-    return signature
 
 
 def compile_targets() -> list[CompileTarget]:
@@ -575,7 +567,7 @@ def compile_targets() -> list[CompileTarget]:
     compiled code. ALIGN is 16, as for every C the variants use; fp32 dots come in
     both precisions (resolve_input_precision picks "ieee" under torch's default)."""
     targets = {}
-    for dtype, element_type in _TRITON_TYPES.items():
+    for dtype, element_type in TRITON_DTYPES.items():
         for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
             exact = precision == "ieee"
             for channels, sr in VARIANT_CHANNELS.items():
@@ -599,7 +591,7 @@ def compile_targets() -> list[CompileTarget]:
                     targets[key] = CompileTarget(
                         name=name,
                         kernel=kernel,
-                        signature=_signature(kernel, element_type),
+                        signature=kernel_signature(kernel, dtype, fp32_pointers=_FP32_BUFFERS, floats={"eps"}),
                         constexprs=constexprs,
                         **_launch_options(config),
                         config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if has_dot and exact else ""),
