@@ -79,7 +79,7 @@ def test_kernel_autotune_keys_leave_out_per_image_sizes(monkeypatch):
         return autotune(*args, key=key, **kwargs)
 
     monkeypatch.setattr(triton, "autotune", recording_autotune)
-    monkeypatch.setattr(attention, "INTERPRET_AUTOTUNE", True)
+    monkeypatch.setattr(launch, "INTERPRET_AUTOTUNE", True)
     launch._autotuner.cache_clear()
     q, k, v = (torch.randn(1, tokens, 1, 32, dtype=torch.float16, requires_grad=True) for tokens in (37, 5, 5))
     out = attention.efficient_attention(q, k, v)

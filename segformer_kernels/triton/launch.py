@@ -9,6 +9,7 @@ import functools
 import inspect
 import itertools
 import os
+from dataclasses import dataclass
 from typing import Collection, Sequence
 
 import torch
@@ -142,13 +143,34 @@ def kernel_launcher(body):
     return launch
 
 
-# --------------------------------------------------------------------------- autotuning
+# --------------------------------------------------------------------------- tiles and autotuning
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration of the attention kernels: BLOCK_N query rows and BLOCK_M key
+    rows per tile, warps, pipeline stages."""
+
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m}, num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+# The interpreter runs one config unless SK_INTERPRET_AUTOTUNE=1. Blocks of 32 keep the
+# tiny test shapes multi-block in both N and M.
+INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 
 # SK_INTERPRET_AUTOTUNE=1 makes the interpreter autotune as a GPU does: every autotuned
 # launch runs each candidate config on the live buffers (with the autotuner's own
 # reset_to_zero hooks) and then the winner, which SK_AUTOTUNE_WINNER picks: "largest"
 # (the most elements per tile, the default), "smallest" or a candidate's index. Without
-# it the interpreter runs one small tile (attention.INTERPRETER_TILE): fast, one code path.
+# it the interpreter runs one small tile (INTERPRETER_TILE): fast, one code path.
 INTERPRET_AUTOTUNE = INTERPRET and os.environ.get("SK_INTERPRET_AUTOTUNE", "0") == "1"
 WINNER_CHOICES = ("largest", "smallest")
 
@@ -224,3 +246,17 @@ def launch_autotuned(kernel, grid, args, constexprs: dict, configs: Sequence[tri
         tuner.cache.clear()
         benchmark.start_launch()
     tuner[grid](*args, **constexprs)
+
+
+def launch_configs(configs: tuple[Tile, ...]) -> tuple[Tile, ...]:
+    """The configs a launch may use here: ``configs`` on a GPU and when the interpreter
+    autotunes (SK_INTERPRET_AUTOTUNE=1), INTERPRETER_TILE in the plain interpreter."""
+    return (INTERPRETER_TILE,) if INTERPRET and not INTERPRET_AUTOTUNE else configs
+
+
+def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...], m: int,
+                 reset_to_zero: tuple[str, ...] = ()) -> None:
+    """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
+    autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
+    aspect ratio; see launch.launch_autotuned)."""
+    launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
