@@ -339,7 +339,7 @@ def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_preci
 # --------------------------------------------------------------------------- launchers
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
+def launch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
     batch, n, heads, head_dim = q.shape
     m = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -353,7 +353,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str
     return out, lse
 
 
-def _backward(
+def launch_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch, n, heads, head_dim = q.shape
@@ -395,7 +395,7 @@ def _backward(
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
     """Returns (o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); the second is kept for
     the backward and is not differentiable."""
-    return _forward(q, k, v, scale, input_precision)
+    return launch_forward(q, k, v, scale, input_precision)
 
 
 @_attention_op.register_fake
@@ -409,7 +409,7 @@ def _attention_op_fake(q, k, v, scale, input_precision):
 def _attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, scale, input_precision)
+    return launch_backward(grad_out, q, k, v, out, lse, scale, input_precision)
 
 
 @_attention_backward_op.register_fake
@@ -426,13 +426,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_op_backward(ctx, grad_out, _grad_lse):
+def _backward_formula(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.input_precision)
     return grad_q, grad_k, grad_v, None, None
 
 
-_attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public function

@@ -321,13 +321,13 @@ def _setup_context(ctx, inputs, output):
     ctx.grid = (height, width)
 
 
-def _backward(ctx, grad):
+def _backward_formula(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.segformer.dwconv_gelu_backward(grad, x, *ctx.grid, weight, bias)
     return dx, None, None, dweight, dbias
 
 
-_dwconv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_dwconv_gelu_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) -> Tensor:

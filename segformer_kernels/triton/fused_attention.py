@@ -396,7 +396,7 @@ def _query_grid(n: int, batch: int):
     return grid
 
 
-def _forward(
+def launch_forward(
     x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
     scale: float, input_precision: str, save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -419,7 +419,7 @@ def _forward(
     return y, out, lse
 
 
-def _backward(
+def launch_backward(
     grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
     out: Tensor, lse: Tensor, scale: float, input_precision: str,
 ) -> tuple[Tensor, ...]:
@@ -522,7 +522,7 @@ def _fused_attention_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y [B, N, C], o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); o and the
     log-sum-exp are what the backward needs, empty unless ``save_for_backward``."""
-    return _forward(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision, save_for_backward)
+    return launch_forward(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision, save_for_backward)
 
 
 @_fused_attention_op.register_fake
@@ -544,7 +544,7 @@ def _fused_attention_backward_op(
     grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
     out: Tensor, lse: Tensor, scale: float, input_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale, input_precision)
+    return launch_backward(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale, input_precision)
 
 
 @_fused_attention_backward_op.register_fake
@@ -562,12 +562,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(out, lse)
 
 
-def _fused_attention_op_backward(ctx, grad_y, _grad_out, _grad_lse):
+def _backward_formula(ctx, grad_y, _grad_out, _grad_lse):
     grads = _fused_attention_backward_op(grad_y, *ctx.saved_tensors, ctx.scale, ctx.input_precision)
     return (*grads, None, None, None)
 
 
-_fused_attention_op.register_autograd(_fused_attention_op_backward, setup_context=_setup_context)
+_fused_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public function

@@ -298,7 +298,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x if residual is None else summed, weight, mean, rstd)
 
 
-def _backward(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
+def _backward_formula(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
     summed, weight, mean, rstd = ctx.saved_tensors
     if not ctx.has_residual:
         grad_summed = None
@@ -310,7 +310,7 @@ def _backward(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
     return grad_x, grad_weight.to(ctx.weight_dtype), grad_bias.to(ctx.bias_dtype), None, grad_residual
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------

@@ -306,7 +306,7 @@ def _setup_context(ctx, inputs, output):
     ctx.input_precision = input_precision
 
 
-def _backward(ctx, grad, _grad_hidden):
+def _backward_formula(ctx, grad, _grad_hidden):
     x, fc1_weight, dw_weight, dw_bias, fc2_weight, hidden = ctx.saved_tensors
     dh, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias = torch.ops.segformer.mix_ffn_backward(
         grad, hidden, *ctx.grid, dw_weight, dw_bias, fc2_weight, ctx.input_precision
@@ -318,7 +318,7 @@ def _backward(ctx, grad, _grad_hidden):
     return dx, None, None, d_fc1_weight, d_fc1_bias, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias, None
 
 
-_mix_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+_mix_ffn_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def mix_ffn(

@@ -386,7 +386,7 @@ def _weight_by_cell(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).contiguous()
 
 
-def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
+def launch_forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
              ln_bias: Tensor, eps: float, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> y [B, M, C_out] (x's dtype), z [B*M, C_out] (pre-LayerNorm, fp32), mean and rstd [B*M] (fp32)."""
     x = _channels_contiguous(x)
@@ -413,7 +413,7 @@ def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_we
     return y, z, mean, rstd
 
 
-def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
+def launch_backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
               mean: Tensor, rstd: Tensor, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
     x = _channels_contiguous(x)
@@ -482,7 +482,7 @@ def _spatial_reduction_op(
     The backward keeps z, the pre-LayerNorm rows, in fp32 instead of recomputing
     them: z has M = N/sr^2 rows (C_out*4 bytes each), while recomputing it would
     repeat the whole forward GEMM and its pass over the N tokens of x."""
-    return _forward(x, tuple(hw), weight, bias, ln_weight, ln_bias, eps, input_precision)
+    return launch_forward(x, tuple(hw), weight, bias, ln_weight, ln_bias, eps, input_precision)
 
 
 @_spatial_reduction_op.register_fake
@@ -505,7 +505,7 @@ def _spatial_reduction_backward_op(
     rstd: Tensor, input_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
-    return _backward(dy, x, tuple(hw), weight, ln_weight, z, mean, rstd, input_precision)
+    return launch_backward(dy, x, tuple(hw), weight, ln_weight, z, mean, rstd, input_precision)
 
 
 @_spatial_reduction_backward_op.register_fake
