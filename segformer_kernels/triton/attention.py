@@ -18,7 +18,7 @@ Backward work split (N is huge, M small):
   * ``_attention_backward_dkdv_kernel``: one program per (key block, query split,
     batch*head) walks the query blocks of its split and accumulates that key block's
     dK and dV in registers. Splits are summed afterwards in fp32 (deterministic, no
-    atomics); see ``query_split_rows`` for how many splits there are.
+    atomics); see ``attention_core.query_split_rows`` for how many splits there are.
 The score products are computed twice in the backward (once per kernel). Computing
 them once would need either atomics or an fp32 read-modify-write of an [M, d] dK/dV
 partial for every query block, which at M = 2048 moves far more bytes than the

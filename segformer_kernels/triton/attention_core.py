@@ -33,7 +33,8 @@ def head_base(ptr, batch, head, stride_batch, stride_head):
 
 
 @triton.jit
-def hinted_strides(stride_batch, stride_token, stride_head, stride_dim, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
+def hinted_strides(stride_batch, stride_token, stride_head, stride_dim,
+                   ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
     """One [B, tokens, heads, d] tensor's strides as the compiler should see them: the
     launcher checked that the first three are multiples of ALIGN and, with CONTIGUOUS_D,
     that the head-dim stride is 1, so rows load as wide vectors (also in the compile

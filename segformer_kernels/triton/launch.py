@@ -258,5 +258,5 @@ def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...]
                  reset_to_zero: tuple[str, ...] = ()) -> None:
     """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
     autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
-    aspect ratio; see launch.launch_autotuned)."""
+    aspect ratio; see launch_autotuned)."""
     launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
