@@ -6,8 +6,7 @@ sdpa     the reference with the attention core (of efficient_attention and of
          fused_attention, whose projections stay as they are) through
          F.scaled_dot_product_attention;
 compile  torch.compile of the reference (max-autotune on a GPU);
-fused    segformer_kernels' public ops with kernels="triton" for every op that has a
-         Triton kernel (the reference for the rest; rows name which is which);
+fused    segformer_kernels' public ops with kernels="triton": every op on its Triton kernel;
 transformers  SegformerForSemanticSegmentation (end-to-end only; see e2e.py).
 """
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 import segformer_kernels as sk
 from segformer_kernels import reference
-from segformer_kernels._backend import INTERPRET, TRITON_IMPLEMENTATIONS, triton_implementation, triton_runs_on
+from segformer_kernels._backend import INTERPRET, triton_runs_on
 
 from .core import CompileSpec, Skip
 
@@ -54,16 +53,10 @@ class OpTable:
     dwconv_gelu: Callable
     mix_ffn: Callable
     decode_head: Callable
-    triton_ops: tuple[str, ...] = ()
 
 
 EAGER = OpTable(**{op: getattr(reference, op) for op in PUBLIC_OPS})
 SDPA = dataclasses.replace(EAGER, efficient_attention=sdpa_attention, fused_attention=sdpa_fused_attention)
-
-
-def triton_kernels() -> tuple[str, ...]:
-    """Ops (of all the library's Triton slots) whose kernel module exists."""
-    return tuple(op for op in TRITON_IMPLEMENTATIONS if triton_implementation(op) is not None)
 
 
 def check_triton_runs(device: torch.device) -> None:
@@ -74,23 +67,11 @@ def check_triton_runs(device: torch.device) -> None:
 
 
 def fused_table(needed: tuple[str, ...], device: torch.device) -> tuple[OpTable, str]:
-    """The fused provider's table and a note naming the ops that run Triton; Skip when
-    none of ``needed`` has a kernel yet (the fused provider would be eager again)."""
+    """The fused provider's table (every op on its Triton kernel) and a note naming the
+    ops this item runs; Skip where Triton cannot run."""
     check_triton_runs(device)
-    available = set(triton_kernels())
-    fused = [op for op in needed if op in available]
-    if not fused:
-        raise Skip(f"fused: no Triton kernel yet for {', '.join(needed)}")
-    table = OpTable(
-        **{
-            op: functools.partial(getattr(sk, op), kernels="triton") if op in available else getattr(reference, op)
-            for op in PUBLIC_OPS
-        },
-        triton_ops=tuple(op for op in PUBLIC_OPS if op in available),
-    )
-    missing = [op for op in needed if op not in available]
-    note = "Triton: " + ", ".join(fused) + ("; reference (no kernel yet): " + ", ".join(missing) if missing else "")
-    return table, note
+    table = OpTable(**{op: functools.partial(getattr(sk, op), kernels="triton") for op in PUBLIC_OPS})
+    return table, "Triton: " + ", ".join(needed)
 
 
 def compiled(fn: Callable, spec: CompileSpec, device: torch.device, fullgraph: bool) -> Callable:

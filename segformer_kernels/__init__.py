@@ -21,12 +21,7 @@ compare both against.
 from . import reference, torch_ops
 from ._backend import KERNEL_CHOICES, load_kernels, triton_runs_on
 
-# Before the public names: importing a kernel module (segformer_kernels.layer_norm,
-# ...) binds the module to the package attribute of the same name, which would
-# hide the public function imported from ops if it came first.
-load_kernels()
-
-from .ops import (  # noqa: E402
+from .ops import (
     decode_head,
     dwconv_gelu,
     efficient_attention,
@@ -35,7 +30,10 @@ from .ops import (  # noqa: E402
     mix_ffn,
     spatial_reduction,
 )
-from .transformers_patch import PatchReport, patch_transformers  # noqa: E402
+from .transformers_patch import PatchReport, patch_transformers
+
+# Registers every custom op before anything (torch.compile in particular) traces a call.
+load_kernels()
 
 __all__ = [
     "KERNEL_CHOICES",

@@ -9,7 +9,6 @@ kernel and says why when it cannot run; ``"torch"`` always runs the PyTorch path
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from typing import Callable
 
@@ -18,17 +17,15 @@ import torch
 KERNEL_CHOICES = ("auto", "triton", "torch")
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
-# op name -> (module, function) of its Triton implementation. A module that does
-# not exist yet means the op has no kernel yet; every other import error is real
-# and propagates.
+# op name -> (module, function) of its Triton implementation.
 TRITON_IMPLEMENTATIONS: dict[str, tuple[str, str]] = {
-    "efficient_attention": ("segformer_kernels.attention", "efficient_attention"),
-    "fused_attention": ("segformer_kernels.fused_attention", "fused_attention"),
-    "spatial_reduction": ("segformer_kernels.spatial_reduction", "spatial_reduction"),
-    "dwconv_gelu": ("segformer_kernels.dwconv_gelu", "dwconv_gelu"),
-    "mix_ffn": ("segformer_kernels.mix_ffn", "mix_ffn"),
-    "layer_norm": ("segformer_kernels.layer_norm", "layer_norm"),
-    "decode_head": ("segformer_kernels.decode_head", "decode_head"),
+    "efficient_attention": ("segformer_kernels.triton.attention", "efficient_attention"),
+    "fused_attention": ("segformer_kernels.triton.fused_attention", "fused_attention"),
+    "spatial_reduction": ("segformer_kernels.triton.spatial_reduction", "spatial_reduction"),
+    "dwconv_gelu": ("segformer_kernels.triton.dwconv_gelu", "dwconv_gelu"),
+    "mix_ffn": ("segformer_kernels.triton.mix_ffn", "mix_ffn"),
+    "layer_norm": ("segformer_kernels.triton.layer_norm", "layer_norm"),
+    "decode_head": ("segformer_kernels.triton.decode_head", "decode_head"),
 }
 
 # Read once, like triton itself does: the interpreter is chosen when the
@@ -61,13 +58,10 @@ def triton_runs_on(device: torch.device) -> bool:
 
 
 def triton_implementation(op: str) -> Callable | None:
-    """The op's Triton function, or None while the op has no kernel."""
+    """The op's Triton function, or None where triton is not installed."""
     if op not in _loaded:
         module_name, function_name = TRITON_IMPLEMENTATIONS[op]
-        if not TRITON_IMPORTABLE or importlib.util.find_spec(module_name) is None:
-            _loaded[op] = None
-        else:
-            _loaded[op] = getattr(importlib.import_module(module_name), function_name)
+        _loaded[op] = getattr(importlib.import_module(module_name), function_name) if TRITON_IMPORTABLE else None
     return _loaded[op]
 
 
@@ -85,11 +79,8 @@ def use_triton(op: str, kernels: str, device: torch.device) -> bool:
     if kernels == "torch":
         return False
     runnable = triton_runs_on(device)
-    available = triton_implementation(op) is not None
     if kernels == "auto":
-        return runnable and available
-    if not available:
-        raise NotImplementedError(f"{op}: there is no Triton kernel for this op yet; use kernels='auto' or 'torch'")
+        return runnable
     if not runnable:
         why = "triton is not installed" if not TRITON_IMPORTABLE else (
             f"tensors are on {device.type}; Triton needs CUDA tensors, or CPU tensors with "

@@ -6,16 +6,15 @@ finite and within the dtype's tolerance of the fp64 reference on the same inputs
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import segformer_kernels as sk
 from helpers import TOLERANCE, assert_close, kernel_dtypes
-from segformer_kernels import attention, reference
+from segformer_kernels import reference
+from segformer_kernels.triton import attention
+from segformer_kernels.triton import fused_attention as fused
 
-fused = importlib.import_module("segformer_kernels.fused_attention")
 
 N, HEAD_DIM = 37, 32
 # Score levels per query row: each row's scores are its level plus a spread of about

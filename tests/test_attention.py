@@ -1,4 +1,4 @@
-"""The efficient attention core (segformer_kernels/attention.py) against the fp64 reference.
+"""The efficient attention core (segformer_kernels/triton/attention.py) against the fp64 reference.
 
 On CPU these run the Triton interpreter (fp32, fp16); on a GPU the same tests run the
 compiled kernels and add bf16. fp32 pins input_precision="ieee" so tf32 does not eat
@@ -12,7 +12,8 @@ import torch
 
 import segformer_kernels as sk
 from helpers import TOLERANCE, assert_close, grads, kernel_dtypes
-from segformer_kernels import attention, reference
+from segformer_kernels import reference
+from segformer_kernels.triton import attention, attention_core
 
 # (batch, N, M, heads, head_dim). The variants' stages scaled down: the grids keep
 # each stage's sr (8, 4, 2, 1), so M = (h // sr) * (w // sr) of an h x w grid.
@@ -78,9 +79,9 @@ def test_split_partials_case_really_splits():
     """The split_partials shape must exercise the fp32 partial sum of dK/dV (and the
     other shapes the direct single-split path)."""
     batch, n, m, heads, _ = ODD_SHAPES["split_partials"]
-    assert attention._query_split_rows(batch * heads, n, m) < n
+    assert attention_core.query_split_rows(batch * heads, n, m) < n
     batch, n, m, heads, _ = ODD_SHAPES["N_prime_M1"]
-    assert attention._query_split_rows(batch * heads, n, m) >= n
+    assert attention_core.query_split_rows(batch * heads, n, m) >= n
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)

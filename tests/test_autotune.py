@@ -4,19 +4,17 @@ results do not depend on which candidate wins or on what the benchmark runs wrot
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from segformer_kernels import _triton_utils, attention
+import test_fused_attention
 
-fused = importlib.import_module("segformer_kernels.fused_attention")
-test_fused_attention = importlib.import_module("test_fused_attention")
+from segformer_kernels.triton import attention, launch
 
-pytestmark = pytest.mark.skipif(not _triton_utils.INTERPRET, reason="the interpreter's autotuner; a GPU runs the real one")
+
+pytestmark = pytest.mark.skipif(not launch.INTERPRET, reason="the interpreter's autotuner; a GPU runs the real one")
 
 
 @triton.jit
@@ -38,7 +36,7 @@ def _launch(n=100):
     runs = torch.zeros(len(CONFIGS), dtype=torch.int32)
     total = torch.zeros(1)
     chosen = torch.full((1,), -1, dtype=torch.int32)
-    _triton_utils.launch_autotuned(
+    launch.launch_autotuned(
         _count_runs, lambda meta: (triton.cdiv(n, meta["BLOCK"]),), (runs, total, chosen, n), {}, CONFIGS, (), n,
         reset_to_zero=("total",),
     )
@@ -64,12 +62,12 @@ def test_per_image_sizes_share_an_autotuner_per_power_of_two(monkeypatch):
     """Sizes that change with the image (the reduced sequence length) must not make a new
     tuning key each: one autotuner per power-of-two bucket, none keyed on N or M."""
     monkeypatch.setenv("SK_AUTOTUNE_WINNER", "0")
-    _triton_utils._autotuner.cache_clear()
+    launch._autotuner.cache_clear()
     for n in (65, 100, 128):
         _launch(n)
-    assert _triton_utils._autotuner.cache_info().currsize == 1
+    assert launch._autotuner.cache_info().currsize == 1
     _launch(129)
-    assert _triton_utils._autotuner.cache_info().currsize == 2
+    assert launch._autotuner.cache_info().currsize == 2
 
 
 def test_kernel_autotune_keys_leave_out_per_image_sizes(monkeypatch):
@@ -81,8 +79,8 @@ def test_kernel_autotune_keys_leave_out_per_image_sizes(monkeypatch):
         return autotune(*args, key=key, **kwargs)
 
     monkeypatch.setattr(triton, "autotune", recording_autotune)
-    monkeypatch.setattr(attention, "INTERPRET_AUTOTUNE", True)
-    _triton_utils._autotuner.cache_clear()
+    monkeypatch.setattr(launch, "INTERPRET_AUTOTUNE", True)
+    launch._autotuner.cache_clear()
     q, k, v = (torch.randn(1, tokens, 1, 32, dtype=torch.float16, requires_grad=True) for tokens in (37, 5, 5))
     out = attention.efficient_attention(q, k, v)
     torch.autograd.grad(out, (q, k, v), torch.randn_like(out))

@@ -8,7 +8,7 @@ import torch
 import segformer_kernels as sk
 from helpers import assert_close, kernel_dtypes
 from segformer_kernels import reference
-from segformer_kernels.decode_head import decode_head as triton_decode_head
+from segformer_kernels.triton.decode_head import decode_head as triton_decode_head
 
 # (batch, D, K, one (h_i, w_i) per stage map, output (H, W)).
 CASES = {

@@ -1,6 +1,5 @@
 """Triton dwconv_gelu (depthwise 3x3 + bias + exact GELU in token layout) against the fp64 reference."""
 
-import importlib
 
 import pytest
 import torch
@@ -8,9 +7,9 @@ from helpers import ODD_GRIDS, assert_close, grads
 
 import segformer_kernels as sk
 from segformer_kernels import reference
+from segformer_kernels.triton import dwconv_gelu as module
 
 # The module by its import path: the package attribute of the same name is the public op.
-module = importlib.import_module("segformer_kernels.dwconv_gelu")
 dwconv_gelu = module.dwconv_gelu
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]

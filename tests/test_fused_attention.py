@@ -1,4 +1,4 @@
-"""Attention with fused projections (segformer_kernels/fused_attention.py) against the fp64 reference.
+"""Attention with fused projections (segformer_kernels/triton/fused_attention.py) against the fp64 reference.
 
 On CPU these run the Triton interpreter (fp32, fp16); on a GPU the same tests run the
 compiled kernels and add bf16. fp32 pins input_precision="ieee" so tf32 does not eat
@@ -7,16 +7,15 @@ the 1e-5 tolerance.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 import segformer_kernels as sk
 from helpers import TOLERANCE, assert_close, grads, kernel_dtypes
-from segformer_kernels import attention, reference, torch_ops
+from segformer_kernels import reference, torch_ops
+from segformer_kernels.triton import attention_core, launch
+from segformer_kernels.triton import fused_attention as fused
 
-fused = importlib.import_module("segformer_kernels.fused_attention")
 
 # (batch, N, M, heads, head_dim): stages 1-2 of the variants scaled down (sr 8 and 4 on
 # small grids), then odd ones.
@@ -93,7 +92,7 @@ def test_every_gradient_whichever_autotune_candidate_wins(winner, device, monkey
     run; the backward's per-program bias-gradient partials must hold only what the
     winner wrote. "largest" is a 128-row query tile: fewer programs than the buffer has
     rows, the rest filled by the 64-row candidates' benchmark runs unless reset."""
-    monkeypatch.setattr(attention, "INTERPRET_AUTOTUNE", True)
+    monkeypatch.setattr(launch, "INTERPRET_AUTOTUNE", True)
     monkeypatch.setenv("SK_AUTOTUNE_WINNER", winner)
     _check(STAGE_SHAPES["b0_stage1_C32"], torch.float16, device)
 
@@ -103,7 +102,7 @@ def test_shapes_cover_the_paths():
     16) and C160 (past the fused width) take the cuBLAS-projection path, every other
     shape the fused kernels (in fp32 only up to C = 64)."""
     batch, n, m, heads, _ = ODD_SHAPES["split_partials"]
-    assert attention._query_split_rows(batch * heads, n, m) < n
+    assert attention_core.query_split_rows(batch * heads, n, m) < n
     for name, (_, _, _, heads, head_dim) in {**STAGE_SHAPES, **ODD_SHAPES}.items():
         fused_path = not name.startswith(("C24", "C160"))
         channels = heads * head_dim

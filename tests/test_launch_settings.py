@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import run_every_op
-from segformer_kernels import _backend, _triton_utils
+from segformer_kernels import _backend
+from segformer_kernels.triton import launch
 
 pytestmark = pytest.mark.skipif(not _backend.INTERPRET, reason="records launches of the Triton interpreter")
 
@@ -38,7 +39,7 @@ def launches(monkeypatch):
         recorded.append((self.fn.__name__, list(open_guards), tensor.device, kwargs.get("INPUT_PRECISION")))
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(_triton_utils, "_device_guard", recording_guard)
+    monkeypatch.setattr(launch, "_device_guard", recording_guard)
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
     return recorded
 

@@ -1,6 +1,5 @@
 """Triton mix_ffn (fc1 -> fc2 with the dwconv + GELU computed in its prologue) against the fp64 reference."""
 
-import importlib
 
 import pytest
 import torch
@@ -8,8 +7,9 @@ from helpers import ODD_GRIDS, assert_close, grads
 
 import segformer_kernels as sk
 from segformer_kernels import reference
+from segformer_kernels.triton import dwconv_gelu
+from segformer_kernels.triton import mix_ffn as module
 
-module = importlib.import_module("segformer_kernels.mix_ffn")
 mix_ffn = module.mix_ffn
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -77,7 +77,7 @@ def test_split_reductions_over_tokens(monkeypatch, device, poisoned_allocations)
     ones: fc2's weight gradient over 3 token splits (the last one shorter), and the
     conv's weight gradient with programs that walk 2 token tiles each."""
     monkeypatch.setattr(module, "MIN_SPLIT_TOKENS", 100)
-    monkeypatch.setattr(importlib.import_module("segformer_kernels.dwconv_gelu"), "MAX_TOKEN_PROGRAMS", 4)
+    monkeypatch.setattr(dwconv_gelu, "MAX_TOKEN_PROGRAMS", 4)
     _check_against_fp64(ODD_GRIDS[3], 8, 32, 8, 1, torch.float32, device)
 
 

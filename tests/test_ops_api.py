@@ -27,16 +27,6 @@ def test_unknown_kernels_value_is_refused():
         sk.layer_norm(_tokens(), torch.ones(8), torch.zeros(8), kernels="cuda")
 
 
-def test_forced_triton_without_a_kernel_names_the_op(monkeypatch):
-    monkeypatch.setitem(_backend._loaded, "dwconv_gelu", None)
-    with pytest.raises(NotImplementedError, match="dwconv_gelu"):
-        sk.dwconv_gelu(_tokens(), (5, 7), *_dw(), kernels="triton")
-    # auto falls back to the reference instead
-    x = _tokens()
-    weight, bias = _dw()
-    torch.testing.assert_close(sk.dwconv_gelu(x, (5, 7), weight, bias), sk.reference.dwconv_gelu(x, (5, 7), weight, bias))
-
-
 def test_forced_triton_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setattr(_backend, "INTERPRET", False)
     monkeypatch.setitem(_backend._loaded, "dwconv_gelu", lambda *args: None)

@@ -5,7 +5,6 @@ fp32 pins input_precision="ieee" so that, compiled on a GPU, tf32 does not eat t
 1e-5 tolerance; under the interpreter fp32 dots are exact either way.
 """
 
-import importlib
 
 import itertools
 
@@ -15,9 +14,9 @@ from helpers import assert_close, grads
 
 import segformer_kernels as sk
 from segformer_kernels import reference
+from segformer_kernels.triton import spatial_reduction as module
 
 # The module by its import path: the package attribute of the same name is the public op.
-module = importlib.import_module("segformer_kernels.spatial_reduction")
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
 NAMES = ("output", "dx", "dweight", "dbias", "dln_weight", "dln_bias")

@@ -1,7 +1,7 @@
 """The folded SegFormer decoder's inference tail in one pass over the output.
 
 logits = classifier(ReLU(scale * sum_i up(z_i) + shift)), with z_i the stage
-maps (four in every SegFormer variant; the kernel reads one to four) after their composed projections (DESIGN.md section 4), still at their own low
+maps (four in every SegFormer variant; the kernel reads one to four) after their composed projections (docs/design.md, "What is fused, and why"), still at their own low
 resolution in token layout [B, h_i*w_i, D], and up = bilinear resize to the output
 grid with align_corners=False.
 
@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
-from ._triton_utils import INPUT_PRECISIONS, kernel_launcher, resolve_input_precision
-from .compile_check import CompileTarget
+from .. import reference
+from .launch import INPUT_PRECISIONS, TRITON_DTYPES, kernel_launcher, kernel_signature, resolve_input_precision
+from ..compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -256,7 +256,7 @@ def decode_head(
     MAX_KERNEL_MAPS maps run the kernel, more the reference.
 
     ``input_precision``: how fp32 inputs meet the tensor cores in the classifier dot
-    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
+    (see launch.resolve_input_precision); it does not apply to fp16/bf16.
     """
     input_precision = resolve_input_precision(maps[0].dtype, input_precision)
     tensors = (*maps, scale, shift, cls_weight, cls_bias)
@@ -279,22 +279,8 @@ def decode_head(
 # Decoder widths (B0/B1: 256, B2-B5: 768) and class counts (Cityscapes 19, ADE20K 150).
 _MODEL_CHANNELS = (256, 768)
 _MODEL_CLASSES = (19, 150)
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _signature(dtype: torch.dtype) -> dict[str, str]:
-    """Triton types of the kernel's runtime arguments: the folded BatchNorm fp32, every
-    other tensor in the input dtype, the source-per-output-pixel ratios fp32, sizes i32."""
-    ty = _TRITON_DTYPES[dtype]
-    signature = {}
-    for name in _decode_head_kernel.arg_names:
-        if name.isupper():  # constexpr
-            continue
-        if name in ("scale_ptr", "shift_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = f"*{ty}" if name.endswith("_ptr") else "fp32" if name.endswith("_per_out") else "i32"
-    return signature
+# the source-per-output-pixel ratios of the bilinear resize
+_RATIO_ARGUMENTS = tuple(f"{axis}{i}_per_out" for i in range(1, MAX_KERNEL_MAPS + 1) for axis in "hw")
 
 
 def compile_targets() -> list[CompileTarget]:
@@ -304,7 +290,7 @@ def compile_targets() -> list[CompileTarget]:
     targets = []
     for channels in _MODEL_CHANNELS:
         for classes in _MODEL_CLASSES:
-            for dtype, ty in _TRITON_DTYPES.items():
+            for dtype, ty in TRITON_DTYPES.items():
                 for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
                     block_p, block_d, block_k, num_warps = _block_config(classes)
                     constexprs = {
@@ -315,7 +301,10 @@ def compile_targets() -> list[CompileTarget]:
                         CompileTarget(
                             name="decode_head",
                             kernel=_decode_head_kernel,
-                            signature=_signature(dtype),
+                            signature=kernel_signature(
+                                _decode_head_kernel, dtype, fp32_pointers=("scale_ptr", "shift_ptr"),
+                                floats=_RATIO_ARGUMENTS,
+                            ),
                             constexprs=constexprs,
                             num_warps=num_warps,
                             num_stages=_NUM_STAGES,

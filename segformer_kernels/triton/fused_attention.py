@@ -12,7 +12,7 @@ forward moves 4C bytes (16-bit: x in, y out) where q_proj + core + o_proj move 1
 
 Training saves o and the row log-sum-exp (as the plain core does) and nothing else:
     dO_h  = dY Wo[:, head]                   recomputed per query tile
-    dQ_h  = scale * sum_j dS_j K_j             (attention._attention_dq)
+    dQ_h  = scale * sum_j dS_j K_j             (attention.attention_dq)
     dX    = sum_h dQ_h Wq[head]                in the same program (after the key
                                                loops, from the dQ tiles it stored), then
     dWq   = dQ^T X,  dWo = dY^T O              two cuBLAS GEMMs over all tokens
@@ -44,31 +44,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
-from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
-from .attention import (
+from .. import reference
+from ..compile_check import CompileTarget
+from .attention import SCALE_ARGUMENTS, efficient_attention
+from .attention_core import (
     LOG2E,
-    Tile,
-    _LOG2E,
-    _accumulate_dkdv,
-    _attend,
-    _attention_dq,
-    _head_base,
-    _key_block_split_and_head,
-    _layout,
-    _load_tile,
-    _query_block_and_head,
-    _store_key_partials,
-    _store_tile,
+    LOG2E_IN_KERNEL,
+    accumulate_dkdv,
+    attend,
+    attention_dq,
     block_d,
-    efficient_attention,
-    kernel_signature,
+    head_base,
+    hinted_strides,
+    key_block_split_and_head,
     key_gradient_partials,
-    launch_configs,
-    launch_tiled,
+    load_tile,
+    query_block_and_head,
+    store_key_partials,
+    store_tile,
     sum_key_partials,
 )
-from .compile_check import CompileTarget
+from .launch import (
+    INPUT_PRECISIONS,
+    TRITON_DTYPES,
+    Tile,
+    alignment,
+    kernel_launcher,
+    kernel_signature,
+    launch_configs,
+    launch_tiled,
+    multiple_of,
+    resolve_input_precision,
+)
 
 MAX_FUSED_CHANNELS = 128
 MAX_FP32_CHANNELS = 64
@@ -80,7 +87,7 @@ MAX_FP32_CHANNELS = 64
 @triton.jit
 def _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM: tl.constexpr):
     """Wq[head]^T as a [BLOCK_C, BLOCK_D] tile and bq[head] as fp32 [BLOCK_D]."""
-    w_t = _load_tile(WQ + head * HEAD_DIM * C, chans, C, 1, dims, HEAD_DIM, C)
+    w_t = load_tile(WQ + head * HEAD_DIM * C, chans, C, 1, dims, HEAD_DIM, C)
     bias = tl.load(BQ + head * HEAD_DIM + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
     return w_t, bias
 
@@ -97,14 +104,14 @@ def _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION: tl.constexpr):
 @triton.jit
 def _output_weight(WO, head, C, chans, dims, HEAD_DIM: tl.constexpr):
     """Wo[:, head] as a [BLOCK_C, BLOCK_D] tile."""
-    return _load_tile(WO + head * HEAD_DIM, chans, C, C, dims, HEAD_DIM, 1)
+    return load_tile(WO + head * HEAD_DIM, chans, C, C, dims, HEAD_DIM, 1)
 
 
 @triton.jit
 def _query_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """A per-query-tile program's batch, token rows, channel and head-dim ranges, and the
     offset of its batch's [N, C] tokens (1-D grid, query blocks fastest)."""
-    pid_n, batch = _query_block_and_head(N, BLOCK_N)
+    pid_n, batch = query_block_and_head(N, BLOCK_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return batch, rows, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D), batch.to(tl.int64) * N * C
 
@@ -122,33 +129,33 @@ def _fused_attention_forward_kernel(
 ):
     """One program per (query block, batch), all heads. X, Y, O are contiguous
     ([B, N, C]; O as [B, N, h, d]); qk_scale = scale * log2(e)."""
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
     C = multiple_of(C, ALIGN)
     batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
 
-    x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
+    x = load_tile(X + tokens, rows, N, C, chans, C, 1)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
         q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
-        k_base = _head_base(K, batch, head, stride_kb, stride_kh)
-        v_base = _head_base(V, batch, head, stride_vb, stride_vh)
-        out, lse = _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+        k_base = head_base(K, batch, head, stride_kb, stride_kh)
+        v_base = head_base(V, batch, head, stride_vb, stride_vh)
+        out, lse = attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
                            HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         # o reaches o_proj in the input dtype, as the unfused core writes it
         out = out.to(x.dtype)
         if SAVE_FOR_BACKWARD:
-            _store_tile(O + tokens + head * HEAD_DIM, out, rows, N, C, dims, HEAD_DIM, 1)
+            store_tile(O + tokens + head * HEAD_DIM, out, rows, N, C, dims, HEAD_DIM, 1)
             tl.store(LSE + tl.cast(batch * heads + head, tl.int64) * N + rows, lse, mask=rows < N)
         w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
         acc = tl.dot(out, tl.trans(w_o), acc, input_precision=INPUT_PRECISION)
     acc += tl.load(BO + chans, mask=chans < C, other=0.0).to(tl.float32)[None, :]
-    _store_tile(Y + tokens, acc, rows, N, C, chans, C, 1)
+    store_tile(Y + tokens, acc, rows, N, C, chans, C, 1)
 
 
 @triton.jit
@@ -165,10 +172,10 @@ def _fused_attention_backward_dx_kernel(
     rowsum(dO * O) (stored for the dK/dV kernel), dQ (stored for the dWq GEMM) and its
     share of dX; then dX, and this program's column sums of dQ and dY into row
     ``program`` of the fp32 bias-gradient partials DBQ and DBO [programs, C]."""
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
     C = multiple_of(C, ALIGN)
@@ -179,21 +186,21 @@ def _fused_attention_backward_dx_kernel(
     # registers across the key loop.
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
-        q = _project_queries(_load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
-        dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+        q = _project_queries(load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
+        dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
         do = tl.dot(dy, _output_weight(WO, head, C, chans, dims, HEAD_DIM), input_precision=INPUT_PRECISION)
         do = do.to(dy.dtype)
-        o = _load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
+        o = load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stats = tl.cast(batch * heads + head, tl.int64) * N + rows
         tl.store(DELTA + stats, delta, mask=rows < N)
-        lse2 = tl.load(LSE + stats, mask=rows < N, other=0.0) * _LOG2E
-        k_base = _head_base(K, batch, head, stride_kb, stride_kh)
-        v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+        lse2 = tl.load(LSE + stats, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
+        k_base = head_base(K, batch, head, stride_kb, stride_kh)
+        v_base = head_base(V, batch, head, stride_vb, stride_vh)
         # Rows past N have q = 0, lse = 0 and dO = 0, so their dQ is exactly zero.
-        dq = scale * _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd,
+        dq = scale * attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd,
                                    M, qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-        _store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
+        store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
         tl.store(DBQ + partials + head * HEAD_DIM + dims, tl.sum(dq, 0), mask=dims < HEAD_DIM)
     # dX = sum_h dQ_h Wq[head], from the dQ tiles just stored (in the input dtype, as the
     # dX GEMM would read them; L1/L2 hits) rather than from a [BLOCK_N, BLOCK_C] fp32
@@ -202,11 +209,11 @@ def _fused_attention_backward_dx_kernel(
     tl.debug_barrier()
     dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for head in range(heads):
-        dq = _load_tile(DQ + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
-        w_q = _load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
+        dq = load_tile(DQ + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
+        w_q = load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
         dx = tl.dot(dq, w_q, dx, input_precision=INPUT_PRECISION)
-    _store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
-    dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+    store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
+    dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
     tl.store(DBO + partials + chans, tl.sum(dy.to(tl.float32), 0), mask=chans < C)
 
 
@@ -223,18 +230,18 @@ def _fused_attention_backward_dkdv_kernel(
 ):
     """attention's dK/dV program (key block, query split, batch*head), with each query
     tile's q and dO recomputed from x and dY instead of read."""
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
     stride_ds = multiple_of(stride_ds, ALIGN)
-    stride_db, stride_dm, stride_dh, stride_dd = _layout(
+    stride_db, stride_dm, stride_dh, stride_dd = hinted_strides(
         stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
     )
     C = multiple_of(C, ALIGN)
-    pid_m, split, pid_bh = _key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
+    pid_m, split, pid_bh = key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
     batch = pid_bh // heads
     head = pid_bh % heads
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -244,8 +251,8 @@ def _fused_attention_backward_dkdv_kernel(
     tokens = batch.to(tl.int64) * N * C
     stats_base = pid_bh.to(tl.int64) * N
 
-    k = _load_tile(_head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
-    v = _load_tile(_head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+    k = load_tile(head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
+    v = load_tile(head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
     w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
     w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
 
@@ -257,15 +264,15 @@ def _fused_attention_backward_dkdv_kernel(
     # nothing (as in attention's dK/dV kernel).
     for start_n in range(row_start, row_end, BLOCK_N):
         rows = start_n + row_range
-        x = _load_tile(X + tokens, rows, N, C, chans, C, 1)
+        x = load_tile(X + tokens, rows, N, C, chans, C, 1)
         q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
-        dy = _load_tile(DY + tokens, rows, N, C, chans, C, 1)
+        dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
         do = tl.dot(dy, w_o, input_precision=INPUT_PRECISION).to(dy.dtype)
-        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = _accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
+        dk, dv = accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
-    _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+    store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
                         stride_dd, keys, M, dims, HEAD_DIM)
 
 
@@ -389,7 +396,7 @@ def _query_grid(n: int, batch: int):
     return grid
 
 
-def _forward(
+def launch_forward(
     x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor, out_bias: Tensor,
     scale: float, input_precision: str, save_for_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -412,7 +419,7 @@ def _forward(
     return y, out, lse
 
 
-def _backward(
+def launch_backward(
     grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
     out: Tensor, lse: Tensor, scale: float, input_precision: str,
 ) -> tuple[Tensor, ...]:
@@ -463,11 +470,6 @@ def _backward(
 
 _TENSOR_POINTERS = {"X", "WQ", "BQ", "K", "V", "WO", "BO", "Y", "O", "DY", "DQ", "DX", "DK", "DV"}
 _STAT_POINTERS = {"LSE", "DELTA", "DBQ", "DBO"}  # fp32 row statistics and bias-gradient partials
-_CONSTEXPRS = {
-    "HEAD_DIM", "BLOCK_D", "BLOCK_C", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D",
-    "SAVE_FOR_BACKWARD",
-}
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # (C, heads) of stages 1-2 of every variant: B0 32/1 and 64/2, B1-B5 64/1 and 128/2.
 STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
 
@@ -477,7 +479,7 @@ def compile_targets() -> list[CompileTarget]:
     on a GPU; the forward with and without the saved outputs, dK/dV also with fp32
     partial buffers for 16-bit inputs."""
     targets = []
-    for (dtype, element), (channels, heads) in itertools.product(_DTYPE_NAMES.items(), STAGE_SHAPES):
+    for (dtype, element), (channels, heads) in itertools.product(TRITON_DTYPES.items(), STAGE_SHAPES):
         head_dim = channels // heads
         if not fused_kernels_run(channels, head_dim, dtype):
             continue
@@ -498,8 +500,8 @@ def compile_targets() -> list[CompileTarget]:
                 targets.append(CompileTarget(
                     name=f"fused_attention_{kernel_name}",
                     kernel=KERNELS[kernel_name],
-                    signature=kernel_signature(KERNELS[kernel_name], dtype, _TENSOR_POINTERS, fp32_pointers,
-                                               _CONSTEXPRS),
+                    signature=kernel_signature(KERNELS[kernel_name], dtype, pointers=_TENSOR_POINTERS,
+                                               fp32_pointers=fp32_pointers, floats=SCALE_ARGUMENTS),
                     constexprs=constexprs,
                     num_warps=tile.num_warps,
                     num_stages=tile.num_stages,
@@ -520,7 +522,7 @@ def _fused_attention_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (y [B, N, C], o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); o and the
     log-sum-exp are what the backward needs, empty unless ``save_for_backward``."""
-    return _forward(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision, save_for_backward)
+    return launch_forward(x, q_weight, q_bias, k, v, out_weight, out_bias, scale, input_precision, save_for_backward)
 
 
 @_fused_attention_op.register_fake
@@ -542,7 +544,7 @@ def _fused_attention_backward_op(
     grad_y: Tensor, x: Tensor, q_weight: Tensor, q_bias: Tensor, k: Tensor, v: Tensor, out_weight: Tensor,
     out: Tensor, lse: Tensor, scale: float, input_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale, input_precision)
+    return launch_backward(grad_y, x, q_weight, q_bias, k, v, out_weight, out, lse, scale, input_precision)
 
 
 @_fused_attention_backward_op.register_fake
@@ -560,12 +562,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(out, lse)
 
 
-def _fused_attention_op_backward(ctx, grad_y, _grad_out, _grad_lse):
+def _backward_formula(ctx, grad_y, _grad_out, _grad_lse):
     grads = _fused_attention_backward_op(grad_y, *ctx.saved_tensors, ctx.scale, ctx.input_precision)
     return (*grads, None, None, None)
 
 
-_fused_attention_op.register_autograd(_fused_attention_op_backward, setup_context=_setup_context)
+_fused_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public function

@@ -40,8 +40,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import INPUT_PRECISIONS, alignment, kernel_launcher, multiple_of, resolve_input_precision
-from .compile_check import CompileTarget
+from .launch import (
+    INPUT_PRECISIONS,
+    TRITON_DTYPES,
+    alignment,
+    kernel_launcher,
+    kernel_signature,
+    multiple_of,
+    resolve_input_precision,
+)
+from ..compile_check import CompileTarget
 
 # Split the weight-gradient reduction over rows until about this many programs
 # run (a few per SM on current GPUs), but keep every split at least
@@ -378,7 +386,7 @@ def _weight_by_cell(weight: Tensor) -> Tensor:
     return weight.permute(0, 2, 3, 1).contiguous()
 
 
-def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
+def launch_forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
              ln_bias: Tensor, eps: float, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> y [B, M, C_out] (x's dtype), z [B*M, C_out] (pre-LayerNorm, fp32), mean and rstd [B*M] (fp32)."""
     x = _channels_contiguous(x)
@@ -405,7 +413,7 @@ def _forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_we
     return y, z, mean, rstd
 
 
-def _backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
+def launch_backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
               mean: Tensor, rstd: Tensor, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
     x = _channels_contiguous(x)
@@ -474,7 +482,7 @@ def _spatial_reduction_op(
     The backward keeps z, the pre-LayerNorm rows, in fp32 instead of recomputing
     them: z has M = N/sr^2 rows (C_out*4 bytes each), while recomputing it would
     repeat the whole forward GEMM and its pass over the N tokens of x."""
-    return _forward(x, tuple(hw), weight, bias, ln_weight, ln_bias, eps, input_precision)
+    return launch_forward(x, tuple(hw), weight, bias, ln_weight, ln_bias, eps, input_precision)
 
 
 @_spatial_reduction_op.register_fake
@@ -497,7 +505,7 @@ def _spatial_reduction_backward_op(
     rstd: Tensor, input_precision: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
-    return _backward(dy, x, tuple(hw), weight, ln_weight, z, mean, rstd, input_precision)
+    return launch_backward(dy, x, tuple(hw), weight, ln_weight, z, mean, rstd, input_precision)
 
 
 @_spatial_reduction_backward_op.register_fake
@@ -543,30 +551,14 @@ def spatial_reduction(
 
     Arguments as segformer_kernels.reference.spatial_reduction, assumed checked
     (``segformer_kernels.spatial_reduction`` checks them). ``input_precision``: see
-    _triton_utils.resolve_input_precision; it only affects fp32 inputs on a GPU."""
+    launch.resolve_input_precision; it only affects fp32 inputs on a GPU."""
     input_precision = resolve_input_precision(x.dtype, input_precision)
     return _spatial_reduction_op(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision)[0]
 
 
 # ---------------------------------------------------------------- compile targets
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _FP32_BUFFERS = {"z_ptr", "mean_ptr", "rstd_ptr", "partial_ptr"}
-
-
-def _signature(kernel, element_type: str) -> dict[str, str]:
-    """Runtime argument types, read off the kernel's argument names: pointers are to
-    the input dtype except the fp32 buffers, eps is a float, UPPER_CASE names are
-    constexprs, the rest are ints."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name.isupper():
-            continue
-        if name.endswith("_ptr"):
-            signature[name] = "*fp32" if name in _FP32_BUFFERS else f"*{element_type}"
-        else:
-            signature[name] = "fp32" if name == "eps" else "i32"
-    return signature
 
 
 def compile_targets() -> list[CompileTarget]:
@@ -575,7 +567,7 @@ def compile_targets() -> list[CompileTarget]:
     compiled code. ALIGN is 16, as for every C the variants use; fp32 dots come in
     both precisions (resolve_input_precision picks "ieee" under torch's default)."""
     targets = {}
-    for dtype, element_type in _TRITON_TYPES.items():
+    for dtype, element_type in TRITON_DTYPES.items():
         for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
             exact = precision == "ieee"
             for channels, sr in VARIANT_CHANNELS.items():
@@ -599,7 +591,7 @@ def compile_targets() -> list[CompileTarget]:
                     targets[key] = CompileTarget(
                         name=name,
                         kernel=kernel,
-                        signature=_signature(kernel, element_type),
+                        signature=kernel_signature(kernel, dtype, fp32_pointers=_FP32_BUFFERS, floats={"eps"}),
                         constexprs=constexprs,
                         **_launch_options(config),
                         config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if has_dot and exact else ""),

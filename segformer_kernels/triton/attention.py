@@ -1,7 +1,7 @@
 """Efficient self-attention core for N >> M: flash-style forward and hand-written backward.
 
 ``softmax(q k^T * scale) v`` for every (batch, head), with q [B, N, h, d] from all N
-tokens and k, v [B, M, h, d] from the spatially reduced sequence (DESIGN.md section 4).
+tokens and k, v [B, M, h, d] from the spatially reduced sequence (docs/design.md, "What is fused, and why").
 The N x M score matrix never reaches memory: the forward keeps an online softmax per
 query row and stores only the row log-sum-exp; the backward recomputes the
 probabilities from q, k and that log-sum-exp.
@@ -18,7 +18,7 @@ Backward work split (N is huge, M small):
   * ``_attention_backward_dkdv_kernel``: one program per (key block, query split,
     batch*head) walks the query blocks of its split and accumulates that key block's
     dK and dV in registers. Splits are summed afterwards in fp32 (deterministic, no
-    atomics); see ``_query_split_rows`` for how many splits there are.
+    atomics); see ``attention_core.query_split_rows`` for how many splits there are.
 The score products are computed twice in the backward (once per kernel). Computing
 them once would need either atomics or an fp32 read-modify-write of an [M, d] dK/dV
 partial for every query block, which at M = 2048 moves far more bytes than the
@@ -35,180 +35,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._backend import INTERPRET
-from ._triton_utils import (
+from ..compile_check import CompileTarget
+from .attention_core import (
+    LOG2E,
+    LOG2E_IN_KERNEL,
+    accumulate_dkdv,
+    attend,
+    attention_dq,
+    block_d,
+    head_base,
+    hinted_strides,
+    key_block_split_and_head,
+    key_gradient_partials,
+    load_tile,
+    query_block_and_head,
+    store_key_partials,
+    store_tile,
+    sum_key_partials,
+)
+from .launch import (
     INPUT_PRECISIONS,
-    INTERPRET_AUTOTUNE,
+    TRITON_DTYPES,
+    Tile,
     alignment,
     kernel_launcher,
-    launch_autotuned,
+    kernel_signature,
+    launch_configs,
+    launch_tiled,
     multiple_of,
     resolve_input_precision,
 )
-from .compile_check import CompileTarget
 
-LOG2E = 1.4426950408889634
-# Globals a kernel reads must be constexpr.
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _head_base(ptr, batch, head, stride_batch, stride_head):
-    """Pointer to element [batch, 0, head, 0]; int64 so huge batches cannot overflow.
-    (tl.cast, not .to: a loop index is a plain int under the interpreter.)"""
-    return ptr + tl.cast(batch, tl.int64) * stride_batch + tl.cast(head, tl.int64) * stride_head
-
-
-@triton.jit
-def _layout(stride_batch, stride_token, stride_head, stride_dim, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
-    """One [B, tokens, heads, d] tensor's strides as the compiler should see them: the
-    launcher checked that the first three are multiples of ALIGN and, with CONTIGUOUS_D,
-    that the head-dim stride is 1, so rows load as wide vectors (also in the compile
-    check, which does not specialise integer arguments the way a launch does)."""
-    if CONTIGUOUS_D:
-        stride_dim = 1
-    return (
-        multiple_of(stride_batch, ALIGN), multiple_of(stride_token, ALIGN), multiple_of(stride_head, ALIGN), stride_dim
-    )
-
-
-@triton.jit
-def _tile_pointers(base, offs_a, stride_a, offs_b, stride_b):
-    """Pointers of an [A, B] tile whose element (i, j) is base[offs_a[i]*stride_a + offs_b[j]*stride_b]."""
-    return base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b
-
-
-@triton.jit
-def _tile_mask(offs_a, size_a, offs_b, size_b):
-    return (offs_a[:, None] < size_a) & (offs_b[None, :] < size_b)
-
-
-@triton.jit
-def _load_tile(base, offs_a, size_a, stride_a, offs_b, size_b, stride_b):
-    """[A, B] tile, zero outside [size_a, size_b]. Loading with (rows, cols) gives the
-    tile, loading with (cols, rows) gives its transpose straight from memory."""
-    return tl.load(
-        _tile_pointers(base, offs_a, stride_a, offs_b, stride_b),
-        mask=_tile_mask(offs_a, size_a, offs_b, size_b),
-        other=0.0,
-    )
-
-
-@triton.jit
-def _store_tile(base, value, offs_a, size_a, stride_a, offs_b, size_b, stride_b):
-    tl.store(
-        _tile_pointers(base, offs_a, stride_a, offs_b, stride_b),
-        value.to(base.dtype.element_ty),
-        mask=_tile_mask(offs_a, size_a, offs_b, size_b),
-    )
-
-
-@triton.jit
-def _query_block_and_head(N, BLOCK_N: tl.constexpr):
-    """(query block, batch*head) of this program. The grid is 1-D (batch*heads may pass
-    the 65535 limit of the other grid axes) with query blocks fastest, so the programs
-    of one head run together and share its K and V in L2."""
-    pid = tl.program_id(0)
-    query_blocks = tl.cdiv(N, BLOCK_N)
-    return pid % query_blocks, pid // query_blocks
-
-
-@triton.jit
-def _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
-            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """softmax(q k^T * scale) v for one query tile q [BLOCK_N, BLOCK_D] against all M keys
-    of one head, with an online softmax over key blocks. qk_scale = scale * log2(e):
-    scores live in log2 units so the softmax uses exp2. Returns the normalised output
-    (fp32) and the row log-sum-exp in natural-log units, log(sum_j exp(scale * q.k_j))."""
-    key_range = tl.arange(0, BLOCK_M)
-    row_max = tl.full([q.shape[0]], float("-inf"), tl.float32)
-    row_sum = tl.zeros([q.shape[0]], tl.float32)
-    acc = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
-    for start_m in range(0, M, BLOCK_M):
-        keys = start_m + key_range
-        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
-        v = _load_tile(v_base, keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
-        scores = tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale
-        # Keys past M must get zero probability (M >= 1, so every row has a finite max).
-        scores = tl.where(keys[None, :] < M, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        p = tl.exp2(scores - new_max[:, None])
-        correction = tl.exp2(row_max - new_max)
-        row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=INPUT_PRECISION)
-        row_max = new_max
-    # Normalise by exp2(-log2(sum)): the log2 is needed for the LSE anyway, and a true
-    # division would bring in the IEEE-division slow-path subroutine and its stack frame.
-    log2_sum = tl.log2(row_sum)
-    return acc * tl.exp2(-log2_sum)[:, None], (row_max + log2_sum) * _LN2
-
-
-@triton.jit
-def _probabilities(scores2, lse2):
-    """exp2(scores - lse) in log2 units, at most 1 as a probability is. Keys past M load as
-    zero rows, so their score is 0 and, unclamped, their p = exp2(-lse) overflows once a
-    row's log-sum-exp is low (scores around -25 do it in 16 bits): inf times their zero K
-    or V row is NaN. Clamped, their p is at most 1 and meets only zero rows of K and V (or
-    lands in dK/dV rows that are never stored), so they add nothing. A clamp, not a mask
-    on the key index: the backward_dx tile has no registers to spare for the mask."""
-    return tl.exp2(tl.minimum(scores2 - lse2, 0.0))
-
-
-@triton.jit
-def _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale,
-                  dims, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """sum_j dS_j K_j over all M keys of one head for one query tile, dS = P * (dO V^T - delta),
-    P recomputed from q and lse2 (the row log-sum-exp in log2 units). Returns fp32, not yet
-    multiplied by the softmax scale."""
-    key_range = tl.arange(0, BLOCK_M)
-    dq = tl.zeros([q.shape[0], q.shape[1]], tl.float32)
-    for start_m in range(0, M, BLOCK_M):
-        keys = start_m + key_range
-        k_t = _load_tile(k_base, dims, HEAD_DIM, stride_kd, keys, M, stride_km)  # [BLOCK_D, BLOCK_M]
-        v_t = _load_tile(v_base, dims, HEAD_DIM, stride_vd, keys, M, stride_vm)
-        p = _probabilities(tl.dot(q, k_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[:, None])
-        dp = tl.dot(do, v_t, input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=INPUT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION: tl.constexpr):
-    """One query tile's share of dV = P^T dO and dK = dS^T Q (not yet scaled) for one key
-    tile, computed transposed (keys as rows) so both accumulate in registers. q_t is the
-    query tile transposed [BLOCK_D, BLOCK_N]; lse2 the rows' log-sum-exp in log2 units."""
-    p_t = _probabilities(tl.dot(k, q_t, input_precision=INPUT_PRECISION) * qk_scale, lse2[None, :])
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=INPUT_PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _key_block_split_and_head(N, M, rows_per_split, BLOCK_M: tl.constexpr):
-    """(key block, query split, batch*head) of a dK/dV program. 1-D grid, key blocks
-    fastest: the programs sharing a split's query rows run together."""
-    pid = tl.program_id(0)
-    key_blocks = tl.cdiv(M, BLOCK_M)
-    splits = tl.cdiv(N, rows_per_split)
-    return pid % key_blocks, (pid // key_blocks) % splits, pid // (key_blocks * splits)
-
-
-@triton.jit
-def _store_key_partials(DK, DV, dk, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh, stride_dd,
-                        keys, M, dims, HEAD_DIM: tl.constexpr):
-    """A dK/dV program's tiles into its split's slice of the [split, B, M, h, d] buffers."""
-    split_offset = split.to(tl.int64) * stride_ds
-    dk_base = _head_base(DK + split_offset, batch, head, stride_db, stride_dh)
-    dv_base = _head_base(DV + split_offset, batch, head, stride_db, stride_dh)
-    _store_tile(dk_base, dk, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
-    _store_tile(dv_base, dv, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
 
 
 @triton.jit
@@ -224,31 +84,31 @@ def _attention_forward_kernel(
     INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
     """One program per (query block, batch*head); qk_scale = scale * log2(e)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
         stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
     )
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
-    stride_ob, stride_on, stride_oh, stride_od = _layout(
+    stride_ob, stride_on, stride_oh, stride_od = hinted_strides(
         stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
     )
-    pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
+    pid_n, pid_bh = query_block_and_head(N, BLOCK_N)
     batch = pid_bh // heads
     head = pid_bh % heads
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
-    k_base = _head_base(K, batch, head, stride_kb, stride_kh)
-    v_base = _head_base(V, batch, head, stride_vb, stride_vh)
+    q = load_tile(head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
+    k_base = head_base(K, batch, head, stride_kb, stride_kh)
+    v_base = head_base(V, batch, head, stride_vb, stride_vh)
 
-    out, lse = _attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+    out, lse = attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
                        HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-    _store_tile(_head_base(O, batch, head, stride_ob, stride_oh), out, rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    store_tile(head_base(O, batch, head, stride_ob, stride_oh), out, rows, N, stride_on, dims, HEAD_DIM, stride_od)
     tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
@@ -268,46 +128,46 @@ def _attention_backward_dq_kernel(
 ):
     """One program per (query block, batch*head): delta = rowsum(dO * O), then
     dQ = scale * sum_j dS_j K_j with dS = P * (dO V^T - delta)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
         stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
     )
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
-    stride_ob, stride_on, stride_oh, stride_od = _layout(
+    stride_ob, stride_on, stride_oh, stride_od = hinted_strides(
         stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
     )
-    stride_dob, stride_don, stride_doh, stride_dod = _layout(
+    stride_dob, stride_don, stride_doh, stride_dod = hinted_strides(
         stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
     )
-    stride_dqb, stride_dqn, stride_dqh, stride_dqd = _layout(
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd = hinted_strides(
         stride_dqb, stride_dqn, stride_dqh, stride_dqd, ALIGN, CONTIGUOUS_D
     )
-    pid_n, pid_bh = _query_block_and_head(N, BLOCK_N)
+    pid_n, pid_bh = query_block_and_head(N, BLOCK_N)
     batch = pid_bh // heads
     head = pid_bh % heads
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
 
-    q = _load_tile(_head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
-    do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
-    do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
-    o = _load_tile(_head_base(O, batch, head, stride_ob, stride_oh), rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    q = load_tile(head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
+    do_base = head_base(DO, batch, head, stride_dob, stride_doh)
+    do = load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+    o = load_tile(head_base(O, batch, head, stride_ob, stride_oh), rows, N, stride_on, dims, HEAD_DIM, stride_od)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_stats = pid_bh.to(tl.int64) * N + rows
     tl.store(DELTA + row_stats, delta, mask=rows < N)
-    lse2 = tl.load(LSE + row_stats, mask=rows < N, other=0.0) * _LOG2E
+    lse2 = tl.load(LSE + row_stats, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
 
-    k_base = _head_base(K, batch, head, stride_kb, stride_kh)
-    v_base = _head_base(V, batch, head, stride_vb, stride_vh)
-    dq = _attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M,
+    k_base = head_base(K, batch, head, stride_kb, stride_kh)
+    v_base = head_base(V, batch, head, stride_vb, stride_vh)
+    dq = attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M,
                        qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
 
-    dq_base = _head_base(DQ, batch, head, stride_dqb, stride_dqh)
-    _store_tile(dq_base, dq * scale, rows, N, stride_dqn, dims, HEAD_DIM, stride_dqd)
+    dq_base = head_base(DQ, batch, head, stride_dqb, stride_dqh)
+    store_tile(dq_base, dq * scale, rows, N, stride_dqn, dims, HEAD_DIM, stride_dqd)
 
 
 @triton.jit
@@ -327,33 +187,33 @@ def _attention_backward_dkdv_kernel(
     dV = P^T dO and dK = scale * dS^T Q for that key block, computed transposed
     (keys as rows) so both accumulate in registers. DK/DV are [split, B, M, h, d]
     buffers (fp32 partials, or the gradients themselves when there is one split)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = _layout(
+    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
         stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
     )
-    stride_kb, stride_km, stride_kh, stride_kd = _layout(
+    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
         stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
     )
-    stride_vb, stride_vm, stride_vh, stride_vd = _layout(
+    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
         stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
     )
-    stride_dob, stride_don, stride_doh, stride_dod = _layout(
+    stride_dob, stride_don, stride_doh, stride_dod = hinted_strides(
         stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
     )
     stride_ds = multiple_of(stride_ds, ALIGN)
-    stride_db, stride_dm, stride_dh, stride_dd = _layout(
+    stride_db, stride_dm, stride_dh, stride_dd = hinted_strides(
         stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
     )
-    pid_m, split, pid_bh = _key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
+    pid_m, split, pid_bh = key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
     batch = pid_bh // heads
     head = pid_bh % heads
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_range = tl.arange(0, BLOCK_N)
 
-    k = _load_tile(_head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
-    v = _load_tile(_head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
-    q_base = _head_base(Q, batch, head, stride_qb, stride_qh)
-    do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
+    k = load_tile(head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
+    v = load_tile(head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+    q_base = head_base(Q, batch, head, stride_qb, stride_qh)
+    do_base = head_base(DO, batch, head, stride_dob, stride_doh)
     stats_base = pid_bh.to(tl.int64) * N
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -365,32 +225,17 @@ def _attention_backward_dkdv_kernel(
     # nothing. rows_per_split is a multiple of BLOCK_N, so blocks never straddle splits.
     for start_n in range(row_start, row_end, BLOCK_N):
         rows = start_n + row_range
-        q_t = _load_tile(q_base, dims, HEAD_DIM, stride_qd, rows, N, stride_qn)  # [BLOCK_D, BLOCK_N]
-        do = _load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
-        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * _LOG2E
+        q_t = load_tile(q_base, dims, HEAD_DIM, stride_qd, rows, N, stride_qn)  # [BLOCK_D, BLOCK_N]
+        do = load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = _accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
+        dk, dv = accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
-    _store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+    store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
                         stride_dd, keys, M, dims, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------- launch configurations
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One launch configuration: query rows and key rows per tile, warps, pipeline stages."""
-
-    block_n: int
-    block_m: int
-    num_warps: int
-    num_stages: int
-
-    def triton_config(self) -> triton.Config:
-        return triton.Config(
-            {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m}, num_warps=self.num_warps, num_stages=self.num_stages
-        )
 
 
 KERNELS = {
@@ -398,11 +243,6 @@ KERNELS = {
     "backward_dq": _attention_backward_dq_kernel,
     "backward_dkdv": _attention_backward_dkdv_kernel,
 }
-
-# The interpreter runs one config unless SK_INTERPRET_AUTOTUNE=1. Blocks of 32 keep the
-# tiny test shapes multi-block in both N and M.
-INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
-
 
 # Autotune candidates: 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
 # dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
@@ -483,20 +323,6 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, 
     return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
 
 
-def launch_configs(configs: tuple[Tile, ...]) -> tuple[Tile, ...]:
-    """The configs a launch may use here: ``configs`` on a GPU and when the interpreter
-    autotunes (SK_INTERPRET_AUTOTUNE=1), INTERPRETER_TILE in the plain interpreter."""
-    return (INTERPRETER_TILE,) if INTERPRET and not INTERPRET_AUTOTUNE else configs
-
-
-def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...], m: int,
-                 reset_to_zero: tuple[str, ...] = ()) -> None:
-    """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
-    autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
-    aspect ratio; see _triton_utils.launch_autotuned)."""
-    launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
-
-
 def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_precision: str) -> None:
     """Launch ``kernel`` over ``grid``; ``tensors`` are the [.., d] tensors it reads and
     writes through strides (they decide the layout hints). Every output is fully written
@@ -510,59 +336,10 @@ def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_preci
     launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, tuple(constexprs), m)
 
 
-def block_d(head_dim: int) -> int:
-    # tl.dot needs every tile side >= 16.
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-# Query splits of the dK/dV kernel. Each split writes one fp32 [M, d] partial of dK and
-# of dV per (batch, head), which the sum then reads back: 16 * M * d bytes per split,
-# against the 4 * rows * d bytes of 16-bit q and dO the split reads. A split therefore
-# covers at least 8 * M rows, which keeps the partials under half the q + dO traffic
-# (stage 1 at 512^2, N = 16384, M = 256: at most 8 splits, 1 MB of partials per
-# (image, head) at d = 64). Within that bound, enough splits for ~512 programs (several
-# waves on a 132-SM GPU). SPLIT_ALIGN is a multiple of every BLOCK_N, so query blocks
-# never straddle splits.
-SPLIT_ALIGN = 128
-DKDV_TARGET_PROGRAMS = 512
-DKDV_ESTIMATE_BLOCK_M = 64
-
-
-def _query_split_rows(batch_heads: int, n: int, m: int) -> int:
-    """Query rows per split of the dK/dV kernel (a multiple of SPLIT_ALIGN); depends on
-    the shape only, so the reduction order does too."""
-    min_rows = triton.cdiv(8 * m, SPLIT_ALIGN) * SPLIT_ALIGN
-    most_splits = triton.cdiv(n, min_rows)
-    wanted = triton.cdiv(DKDV_TARGET_PROGRAMS, triton.cdiv(m, DKDV_ESTIMATE_BLOCK_M) * batch_heads)
-    splits = max(1, min(wanted, most_splits))
-    # at least SPLIT_ALIGN: no query rows (n = 0) means no splits, not a division by zero
-    return max(SPLIT_ALIGN, triton.cdiv(triton.cdiv(n, splits), SPLIT_ALIGN) * SPLIT_ALIGN)
-
-
-def key_gradient_partials(k: Tensor, n: int) -> tuple[int, Tensor, Tensor]:
-    """(query rows per split, dK buffer, dV buffer) for a dK/dV kernel over n query rows:
-    [split, *k.shape] buffers, in k's dtype when there is one split (the gradients
-    themselves), fp32 partials otherwise."""
-    batch, m, heads, _ = k.shape
-    rows_per_split = _query_split_rows(batch * heads, n, m)
-    splits = triton.cdiv(n, rows_per_split)
-    partial_dtype = k.dtype if splits == 1 else torch.float32
-    partial_k = torch.empty((splits, *k.shape), dtype=partial_dtype, device=k.device)
-    return rows_per_split, partial_k, torch.empty_like(partial_k)
-
-
-def sum_key_partials(partial_k: Tensor, partial_v: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """dK and dV from the buffers of key_gradient_partials: the splits summed in fp32, in a
-    fixed order (deterministic)."""
-    if partial_k.shape[0] == 1:
-        return partial_k[0], partial_v[0]
-    return partial_k.sum(0).to(dtype), partial_v.sum(0).to(dtype)
-
-
 # --------------------------------------------------------------------------- launchers
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
+def launch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
     batch, n, heads, head_dim = q.shape
     m = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -576,7 +353,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str
     return out, lse
 
 
-def _backward(
+def launch_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     batch, n, heads, head_dim = q.shape
@@ -618,7 +395,7 @@ def _backward(
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
     """Returns (o [B, N, h, d], row log-sum-exp fp32 [B, h, N]); the second is kept for
     the backward and is not differentiable."""
-    return _forward(q, k, v, scale, input_precision)
+    return launch_forward(q, k, v, scale, input_precision)
 
 
 @_attention_op.register_fake
@@ -632,7 +409,7 @@ def _attention_op_fake(q, k, v, scale, input_precision):
 def _attention_backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float, input_precision: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward(grad_out, q, k, v, out, lse, scale, input_precision)
+    return launch_backward(grad_out, q, k, v, out, lse, scale, input_precision)
 
 
 @_attention_backward_op.register_fake
@@ -649,13 +426,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _attention_op_backward(ctx, grad_out, _grad_lse):
+def _backward_formula(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     grad_q, grad_k, grad_v = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale, ctx.input_precision)
     return grad_q, grad_k, grad_v, None, None
 
 
-_attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------- public function
@@ -669,7 +446,7 @@ def efficient_attention(
 
     Inputs are assumed checked (``segformer_kernels.efficient_attention`` checks them).
     ``input_precision`` sets how fp32 inputs meet the tensor cores: "tf32" or "ieee", or
-    None to follow torch's fp32 matmul setting (see _triton_utils.resolve_input_precision).
+    None to follow torch's fp32 matmul setting (see launch.resolve_input_precision).
     """
     input_precision = resolve_input_precision(q.dtype, input_precision)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -679,45 +456,24 @@ def efficient_attention(
 
 # --------------------------------------------------------------------------- compile targets
 
-_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 _TENSOR_POINTERS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 _STAT_POINTERS = {"LSE", "DELTA"}  # fp32 [B, h, N] statistics
-_FLOAT_SCALARS = {"scale", "qk_scale"}
-_CONSTEXPRS = {"HEAD_DIM", "BLOCK_D", "BLOCK_N", "BLOCK_M", "INPUT_PRECISION", "ALIGN", "CONTIGUOUS_D"}
+SCALE_ARGUMENTS = {"scale", "qk_scale"}
 HEAD_DIMS = (16, 32, 64, 128)
-
-
-def kernel_signature(kernel, dtype: torch.dtype, tensor_pointers, fp32_pointers, constexprs) -> dict[str, str]:
-    """Triton types of every runtime argument: ``tensor_pointers`` in the input dtype,
-    ``fp32_pointers`` fp32, scale and qk_scale fp32, everything else (strides, sizes)
-    i32; ``constexprs`` are left out."""
-    element = _TRITON_TYPES[dtype]
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            continue
-        if name in fp32_pointers:
-            signature[name] = "*fp32"
-        elif name in tensor_pointers:
-            signature[name] = f"*{element}"
-        elif name in _FLOAT_SCALARS:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature
 
 
 def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
     """Statistics fp32, dK/dV fp32 when they are split partials, other tensors in the input dtype."""
     fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if split_partials else set())
-    return kernel_signature(kernel, dtype, _TENSOR_POINTERS, fp32_pointers, _CONSTEXPRS)
+    return kernel_signature(kernel, dtype, pointers=_TENSOR_POINTERS, fp32_pointers=fp32_pointers,
+                            floats=SCALE_ARGUMENTS)
 
 
 def compile_targets() -> list[CompileTarget]:
     """Every (kernel, config, dtype, head dim, dot precision, layout) the launcher can
     launch on a GPU; dK/dV also with fp32 partial buffers for 16-bit inputs."""
     targets = []
-    for (dtype, element), head_dim, layout in itertools.product(_TRITON_TYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
+    for (dtype, element), head_dim, layout in itertools.product(TRITON_DTYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
         precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
         for (kernel_name, kernel), precision in itertools.product(KERNELS.items(), precisions):
             split_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)

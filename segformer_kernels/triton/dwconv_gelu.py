@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import alignment, kernel_launcher, multiple_of
-from .compile_check import CompileTarget
+from .launch import TRITON_DTYPES, alignment, kernel_launcher, kernel_signature, multiple_of
+from ..compile_check import CompileTarget
 
 # Taps of the 3x3 stencil; the partial-sum buffer has one more row, for the bias gradient.
 TAPS = 9
@@ -321,13 +321,13 @@ def _setup_context(ctx, inputs, output):
     ctx.grid = (height, width)
 
 
-def _backward(ctx, grad):
+def _backward_formula(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     dx, dweight, dbias = torch.ops.segformer.dwconv_gelu_backward(grad, x, *ctx.grid, weight, bias)
     return dx, None, None, dweight, dbias
 
 
-_dwconv_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+_dwconv_gelu_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) -> Tensor:
@@ -343,15 +343,12 @@ def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) ->
 # Channel widths the model runs the conv on: the Mix-FFN hidden width 4C of every variant.
 HIDDEN_WIDTHS = (128, 256, 512, 640, 1024, 1280, 2048)
 
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
 def compile_targets() -> list[CompileTarget]:
     """Every (kernel, config, dtype) the launchers above launch for the model's widths."""
     kernels = {
-        "dwconv_gelu_forward": (_dwconv_gelu_forward_kernel, ("x_ptr", "weight_ptr", "bias_ptr", "y_ptr")),
-        "gelu_input_grad": (_gelu_input_grad_kernel, ("x_ptr", "weight_ptr", "bias_ptr", "grad_ptr", "dpre_ptr")),
-        "dwconv_transpose": (_dwconv_transpose_kernel, ("dpre_ptr", "src_ptr", "weight_ptr", "dsrc_ptr", "partial_ptr")),
+        "dwconv_gelu_forward": _dwconv_gelu_forward_kernel,
+        "gelu_input_grad": _gelu_input_grad_kernel,
+        "dwconv_transpose": _dwconv_transpose_kernel,
     }
     widths_of_config: dict[tuple, list[int]] = {}
     for width in HIDDEN_WIDTHS:
@@ -361,14 +358,12 @@ def compile_targets() -> list[CompileTarget]:
     for config_items, widths in widths_of_config.items():
         config = dict(config_items)
         constexprs = {k: v for k, v in config.items() if k != "num_warps"}
-        for dtype_name in TRITON_DTYPES.values():
-            for name, (kernel, pointers) in kernels.items():
-                signature = {p: "*fp32" if p == "partial_ptr" else f"*{dtype_name}" for p in pointers}
-                signature.update(num_tokens="i32", height="i32", width="i32", num_channels="i32")
+        for dtype, dtype_name in TRITON_DTYPES.items():
+            for name, kernel in kernels.items():
                 targets.append(CompileTarget(
                     name=f"{name} {dtype_name}",
                     kernel=kernel,
-                    signature=signature,
+                    signature=kernel_signature(kernel, dtype, fp32_pointers={"partial_ptr"}),
                     constexprs=constexprs,
                     num_warps=config["num_warps"],
                     config=" ".join(f"{k}={v}" for k, v in constexprs.items())

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton_utils import kernel_launcher
-from .compile_check import CompileTarget
+from .launch import TRITON_DTYPES, kernel_launcher, kernel_signature
+from ..compile_check import CompileTarget
 
 # ---------------------------------------------------------------------------
 # Kernels
@@ -298,7 +298,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x if residual is None else summed, weight, mean, rstd)
 
 
-def _backward(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
+def _backward_formula(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
     summed, weight, mean, rstd = ctx.saved_tensors
     if not ctx.has_residual:
         grad_summed = None
@@ -310,7 +310,7 @@ def _backward(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
     return grad_x, grad_weight.to(ctx.weight_dtype), grad_bias.to(ctx.bias_dtype), None, grad_residual
 
 
-_layer_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_layer_norm_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -333,7 +333,9 @@ def layer_norm(
 
 # Every LayerNorm width in MiT-B0..B5 (hidden sizes; 160 and 320 are not powers of two).
 _MODEL_CHANNELS = (32, 64, 128, 160, 256, 320, 512)
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# fp32 buffers besides the input-dtype tensors: the parameters (fp32 under AMP), the row
+# statistics and the weight-gradient partials.
+_FP32_POINTERS = {"weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "weight_partial_ptr", "bias_partial_ptr"}
 
 
 def compile_targets() -> list[CompileTarget]:
@@ -342,20 +344,14 @@ def compile_targets() -> list[CompileTarget]:
     targets = []
     for channels in _MODEL_CHANNELS:
         block_c, forward_rows, backward_rows, num_warps = _block_config(channels)
-        for dtype, ty in _TRITON_DTYPES.items():
+        for dtype, ty in TRITON_DTYPES.items():
             for has_residual in (False, True):
                 targets.append(
                     CompileTarget(
                         name="layer_norm_forward",
                         kernel=_layer_norm_forward_kernel,
-                        signature={
-                            "x_ptr": f"*{ty}", "residual_ptr": f"*{ty}", "weight_ptr": "*fp32", "bias_ptr": "*fp32",
-                            "normed_ptr": f"*{ty}", "summed_ptr": f"*{ty}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                            "rows": "i32", "channels": "i32",
-                            "x_row_stride": "i32", "x_col_stride": "i32",
-                            "residual_row_stride": "i32", "residual_col_stride": "i32",
-                            "eps": "fp32",
-                        },
+                        signature=kernel_signature(_layer_norm_forward_kernel, dtype, fp32_pointers=_FP32_POINTERS,
+                                                   floats={"eps"}),
                         constexprs={"HAS_RESIDUAL": has_residual, "BLOCK_ROWS": forward_rows, "BLOCK_C": block_c},
                         num_warps=num_warps,
                         num_stages=_NUM_STAGES,
@@ -367,15 +363,7 @@ def compile_targets() -> list[CompileTarget]:
                     CompileTarget(
                         name="layer_norm_backward",
                         kernel=_layer_norm_backward_kernel,
-                        signature={
-                            "grad_normed_ptr": f"*{ty}", "grad_summed_ptr": f"*{ty}", "summed_ptr": f"*{ty}",
-                            "weight_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                            "grad_x_ptr": f"*{ty}", "weight_partial_ptr": "*fp32", "bias_partial_ptr": "*fp32",
-                            "rows": "i32", "channels": "i32", "rows_per_program": "i32",
-                            "grad_normed_row_stride": "i32", "grad_normed_col_stride": "i32",
-                            "grad_summed_row_stride": "i32", "grad_summed_col_stride": "i32",
-                            "summed_row_stride": "i32", "summed_col_stride": "i32",
-                        },
+                        signature=kernel_signature(_layer_norm_backward_kernel, dtype, fp32_pointers=_FP32_POINTERS),
                         constexprs={"HAS_GRAD_SUMMED": has_grad_summed, "BLOCK_ROWS": backward_rows, "BLOCK_C": block_c},
                         num_warps=num_warps,
                         num_stages=_NUM_STAGES,

@@ -27,17 +27,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .compile_check import CompileTarget
+from ..compile_check import CompileTarget
 from .dwconv_gelu import (
     HIDDEN_WIDTHS,
-    TRITON_DTYPES,
     dwconv3x3_tile,
     dwconv_transpose,
     gelu,
     gelu_grad,
     token_grid_position,
 )
-from ._triton_utils import alignment, kernel_launcher, multiple_of, resolve_input_precision
+from .launch import TRITON_DTYPES, alignment, kernel_launcher, kernel_signature, multiple_of, resolve_input_precision
 
 # Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
 # dwconv_gelu.HIDDEN_WIDTHS).
@@ -307,7 +306,7 @@ def _setup_context(ctx, inputs, output):
     ctx.input_precision = input_precision
 
 
-def _backward(ctx, grad, _grad_hidden):
+def _backward_formula(ctx, grad, _grad_hidden):
     x, fc1_weight, dw_weight, dw_bias, fc2_weight, hidden = ctx.saved_tensors
     dh, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias = torch.ops.segformer.mix_ffn_backward(
         grad, hidden, *ctx.grid, dw_weight, dw_bias, fc2_weight, ctx.input_precision
@@ -319,7 +318,7 @@ def _backward(ctx, grad, _grad_hidden):
     return dx, None, None, d_fc1_weight, d_fc1_bias, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias, None
 
 
-_mix_ffn_op.register_autograd(_backward, setup_context=_setup_context)
+_mix_ffn_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def mix_ffn(
@@ -330,7 +329,7 @@ def mix_ffn(
     checked, as ``segformer_kernels.mix_ffn`` checks them).
 
     ``input_precision``: how fp32 operands meet the tensor cores in the Triton GEMMs
-    (see _triton_utils.resolve_input_precision); it does not apply to fp16/bf16.
+    (see launch.resolve_input_precision); it does not apply to fp16/bf16.
     """
     input_precision = resolve_input_precision(x.dtype, input_precision)
     y, _ = _mix_ffn_op(x, hw[0], hw[1], fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias,
@@ -341,12 +340,9 @@ def mix_ffn(
 # ---------------------------------------------------------------------------- static compile targets
 
 _KERNELS = {
-    "fc2_forward": (_fc2_forward_kernel, forward_config,
-                    ("h_ptr", "dw_weight_ptr", "dw_bias_ptr", "fc2_weight_ptr", "fc2_bias_ptr", "y_ptr"), ()),
-    "fc2_weight_grad": (_fc2_weight_grad_kernel, weight_grad_config,
-                        ("h_ptr", "dw_weight_ptr", "dw_bias_ptr", "grad_ptr", "partial_ptr"), ("tokens_per_split",)),
-    "fc2_input_grad": (_fc2_input_grad_kernel, input_grad_config,
-                       ("grad_ptr", "fc2_weight_ptr", "h_ptr", "dw_weight_ptr", "dw_bias_ptr", "dpre_ptr"), ()),
+    "fc2_forward": (_fc2_forward_kernel, forward_config),
+    "fc2_weight_grad": (_fc2_weight_grad_kernel, weight_grad_config),
+    "fc2_input_grad": (_fc2_input_grad_kernel, input_grad_config),
 }
 
 
@@ -354,9 +350,9 @@ def compile_targets() -> list[CompileTarget]:
     """Every (kernel, config, dtype, fp32 input precision) the launchers launch. The
     configs depend only on C_out; the hidden width 4C is a runtime loop bound, so every
     width in HIDDEN_WIDTHS runs the same compiled kernels."""
-    variants = [(name, "tf32") for name in TRITON_DTYPES.values()] + [("fp32", "ieee")]
+    variants = [(dtype, "tf32") for dtype in TRITON_DTYPES] + [(torch.float32, "ieee")]
     targets = []
-    for name, (kernel, config_of, pointers, extra_ints) in _KERNELS.items():
+    for name, (kernel, config_of) in _KERNELS.items():
         widths_of_config: dict[tuple, list[int]] = {}
         for width in OUTPUT_WIDTHS:
             # ALIGN covers C_out and every hidden width (all multiples of 16 in the model).
@@ -365,15 +361,13 @@ def compile_targets() -> list[CompileTarget]:
         for config_items, widths in widths_of_config.items():
             config = dict(config_items)
             constexprs = {k: v for k, v in config.items() if k.startswith("BLOCK_") or k == "ALIGN"}
-            for dtype_name, precision in variants:
-                signature = {p: "*fp32" if p == "partial_ptr" else f"*{dtype_name}" for p in pointers}
-                for arg in ("num_tokens", "height", "width", "hidden", "out_channels", *extra_ints):
-                    signature[arg] = "i32"
+            for dtype, precision in variants:
+                dtype_name = TRITON_DTYPES[dtype]
                 shown = " ".join(f"{k}={v}" for k, v in constexprs.items())
                 targets.append(CompileTarget(
                     name=f"{name} {dtype_name}" + (f" {precision}" if dtype_name == "fp32" else ""),
                     kernel=kernel,
-                    signature=signature,
+                    signature=kernel_signature(kernel, dtype, fp32_pointers={"partial_ptr"}),
                     constexprs={**constexprs, "INPUT_PRECISION": precision},
                     num_warps=config["num_warps"],
                     num_stages=config["num_stages"],

@@ -1,5 +1,6 @@
-"""Small pieces every kernel module shares: dot precision, alignment hints, the device
-guard, and autotuning (the one place every autotuned launch goes through)."""
+"""What every kernel module's launchers share: dot precision, alignment hints, the device
+guard, dtype names and kernel signatures for compile targets, and autotuning (the one
+place every autotuned launch goes through)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ import functools
 import inspect
 import itertools
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Collection, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import INTERPRET
+from .._backend import INTERPRET
 
 INPUT_PRECISIONS = ("tf32", "ieee")
+
+# Triton's name of each dtype the kernels take, as compile targets' signatures write it.
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 # What an fp32 op passes to its custom op when no precision was asked for: the kernel
@@ -57,6 +62,30 @@ def _torch_fp32_matmul_precision() -> str:
     if precision == "none":
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return "tf32" if precision == "tf32" else "ieee"
+
+
+def kernel_signature(kernel, dtype: torch.dtype, *, pointers: Collection[str] | None = None,
+                     fp32_pointers: Collection[str] = (), floats: Collection[str] = ()) -> dict[str, str]:
+    """Triton types of ``kernel``'s runtime arguments for inputs of ``dtype``, as a compile
+    target lists them: tensor pointers (``pointers``, by default the arguments named
+    ``*_ptr``) to ``dtype`` except ``fp32_pointers``, ``floats`` fp32 scalars, everything
+    else (sizes, strides) i32. tl.constexpr arguments are left out."""
+    function = kernel
+    while hasattr(function, "fn"):  # through autotuner, JITFunction or interpreter wrappers
+        function = function.fn
+    parameters = inspect.signature(function).parameters
+    element = TRITON_DTYPES[dtype]
+    signature = {}
+    for name, parameter in parameters.items():
+        if "constexpr" in str(parameter.annotation):
+            continue
+        if name in fp32_pointers:
+            signature[name] = "*fp32"
+        elif name in pointers if pointers is not None else name.endswith("_ptr"):
+            signature[name] = f"*{element}"
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return signature
 
 
 @triton.jit
@@ -114,13 +143,34 @@ def kernel_launcher(body):
     return launch
 
 
-# --------------------------------------------------------------------------- autotuning
+# --------------------------------------------------------------------------- tiles and autotuning
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration of the attention kernels: BLOCK_N query rows and BLOCK_M key
+    rows per tile, warps, pipeline stages."""
+
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+    def triton_config(self) -> triton.Config:
+        return triton.Config(
+            {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m}, num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+# The interpreter runs one config unless SK_INTERPRET_AUTOTUNE=1. Blocks of 32 keep the
+# tiny test shapes multi-block in both N and M.
+INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
 
 # SK_INTERPRET_AUTOTUNE=1 makes the interpreter autotune as a GPU does: every autotuned
 # launch runs each candidate config on the live buffers (with the autotuner's own
 # reset_to_zero hooks) and then the winner, which SK_AUTOTUNE_WINNER picks: "largest"
 # (the most elements per tile, the default), "smallest" or a candidate's index. Without
-# it the interpreter runs one small tile (attention.INTERPRETER_TILE): fast, one code path.
+# it the interpreter runs one small tile (INTERPRETER_TILE): fast, one code path.
 INTERPRET_AUTOTUNE = INTERPRET and os.environ.get("SK_INTERPRET_AUTOTUNE", "0") == "1"
 WINNER_CHOICES = ("largest", "smallest")
 
@@ -196,3 +246,17 @@ def launch_autotuned(kernel, grid, args, constexprs: dict, configs: Sequence[tri
         tuner.cache.clear()
         benchmark.start_launch()
     tuner[grid](*args, **constexprs)
+
+
+def launch_configs(configs: tuple[Tile, ...]) -> tuple[Tile, ...]:
+    """The configs a launch may use here: ``configs`` on a GPU and when the interpreter
+    autotunes (SK_INTERPRET_AUTOTUNE=1), INTERPRETER_TILE in the plain interpreter."""
+    return (INTERPRETER_TILE,) if INTERPRET and not INTERPRET_AUTOTUNE else configs
+
+
+def launch_tiled(kernel, grid, args, constexprs: dict, configs: tuple[Tile, ...], key: tuple[str, ...], m: int,
+                 reset_to_zero: tuple[str, ...] = ()) -> None:
+    """Launch a kernel taking BLOCK_N/BLOCK_M tiles over ``configs`` (from launch_configs),
+    autotuned on ``key`` and the bucket of the key count ``m`` (it changes with the image's
+    aspect ratio; see launch_autotuned)."""
+    launch_autotuned(kernel, grid, args, constexprs, [t.triton_config() for t in configs], key, m, reset_to_zero)
