@@ -220,7 +220,8 @@ def test_the_wheel_ships_the_suite_as_segformer_bench(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in ("segformer_bench/__main__.py", "segformer_bench/suite.py", "segformer_bench/report.py",
                    "segformer_bench/results/PERFORMANCE.md", "segformer/benchsuite.py",
-                   "segformer_kernels/transformers_patch.py", "segformer_kernels/compile_check/__main__.py"):
+                   "segformer_kernels/transformers_patch.py", "segformer_kernels/compile_check/__main__.py",
+                   "segformer_kernels/triton/launch.py", "segformer_kernels/triton/attention.py"):
         assert needed in names, needed
     assert not any(name.startswith("bench/") for name in names)  # no generic top-level "bench"
 
