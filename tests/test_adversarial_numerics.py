@@ -66,12 +66,15 @@ def _check_gradients(names, got, expected, upstream, dtype):
             assert_close(grad, ref_grad, dtype, f"gradient of {name}", scale=ILL_CONDITIONED[dtype])
 
 
-def _cases():
-    for score_name, score_range in SCORE_ROWS.items():
-        for m_name, m in KEY_COUNTS.items():
-            yield pytest.param(score_range, m, 1.0, False, id=f"{score_name}-{m_name}")
-    yield pytest.param(SCORE_ROWS["mixed"], 7, 1.0, True, id="identical_keys-M7")
-    yield pytest.param(SCORE_ROWS["mixed"], 37, 1 / FP16_LIMIT_FACTOR, False, id="near_fp16_limit-M37")
+def _cases() -> list:
+    cases = [
+        pytest.param(score_range, m, 1.0, False, id=f"{score_name}-{m_name}")
+        for score_name, score_range in SCORE_ROWS.items()
+        for m_name, m in KEY_COUNTS.items()
+    ]
+    cases.append(pytest.param(SCORE_ROWS["mixed"], 7, 1.0, True, id="identical_keys-M7"))
+    cases.append(pytest.param(SCORE_ROWS["mixed"], 37, 1 / FP16_LIMIT_FACTOR, False, id="near_fp16_limit-M37"))
+    return cases
 
 
 @pytest.mark.parametrize("dtype", kernel_dtypes(), ids=str)
