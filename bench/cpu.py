@@ -19,7 +19,9 @@ Input pipeline (suite "pipeline"): images/s of one worker (one thread, as a Data
 worker runs) making 512x512 training crops from 512x683 JPEG + PNG pairs, either from
 decoded arrays (``augment``: segformer.transforms.TrainTransform alone) or from the files
 (``read+augment``: JPEG and PNG decoding and the label mapping, as
-segformer.data.FileDataset reads a training sample, then the transform); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
+segformer.data.FileDataset reads a training sample, then the transform), up to the uint8
+crop a worker hands over (the normalisation runs on the training device: it is
+segformer.transforms.normalize_pixels in the training step); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
 rate, with the training steps per second that feeds at batch 8 in the shape). Rates come
 from wall time; the one-worker rows also give the rate from the process's CPU time
 (``shape.cpu_images_per_s``), what a worker with a core to itself delivers on a machine

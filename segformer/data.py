@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -102,7 +103,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         full_scale = WIDE_IMAGE_MODES[image.mode]
         grey = np.rint(np.asarray(image).astype(np.float64).clip(0, full_scale) * (255 / full_scale)).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
-    return np.array(image.convert("RGB"))
+    return np.array(image if image.mode == "RGB" else image.convert("RGB"))
 
 
 def _check_mask_mode(image, path: Path) -> None:
@@ -111,9 +112,9 @@ def _check_mask_mode(image, path: Path) -> None:
 
 
 def read_label_file(path: str | os.PathLike) -> np.ndarray:
-    """A label map as stored (int64 [H, W]; no EXIF orientation): one channel of class ids, a
-    palette PNG's indices, or an RGB image whose three channels are equal. A colour-coded
-    mask is refused."""
+    """A label map as stored ([H, W] in the file's integer type: uint8 for 8-bit masks; no
+    EXIF orientation): one channel of class ids, a palette PNG's indices, or an RGB image
+    whose three channels are equal. A colour-coded mask is refused."""
     path = Path(path)
     image = _open_image(path)
     _check_mask_mode(image, path)
@@ -124,8 +125,8 @@ def read_label_file(path: str | os.PathLike) -> np.ndarray:
                 f"{path}: mask is a colour image (mode {image.mode}); expected one channel of class ids "
                 "(a greyscale or palette PNG)"
             )
-        return values[..., 0].astype(np.int64)
-    return np.asarray(image).astype(np.int64)
+        return np.array(values[..., 0])
+    return np.array(image)
 
 
 def _size_mismatch(image_path: Path, image_hw, mask_path: Path, mask_hw) -> DataError:
@@ -163,20 +164,36 @@ class LabelMap:
         return f"0..{self.num_classes - 1} or {IGNORE_INDEX} (ignore)"
 
     def __call__(self, stored: np.ndarray, path: Path) -> np.ndarray:
+        """Class ids, uint8 where the stored map is uint8 and the ids fit (fewer than 255
+        classes), else int64."""
+        if stored.dtype == np.uint8 and self.num_classes < IGNORE_INDEX:
+            # uint8 passes only: a range check (the largest valid stored value is the last class),
+            # then the shift by one of reduce_zero_label (0 wraps to 255, the ignore value)
+            last = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+            if stored.max() > last:
+                invalid = (stored > last) & (stored != IGNORE_INDEX)
+                self._check(invalid, stored, path)
+            if not self.reduce_zero_label:
+                return stored
+            return np.where(stored == IGNORE_INDEX, stored, stored - np.uint8(1))
         # one table lookup once the range is known (an out-of-range value cannot index the table)
         if stored.size and 0 <= stored.min() and stored.max() < len(self.table):
             mapped = np.take(self.table, stored)
         else:
             in_table = (stored >= 0) & (stored < len(self.table))
             mapped = np.where(in_table, self.table[np.clip(stored, 0, len(self.table) - 1)], -1)
-        if (mapped < 0).any():
-            bad = np.unique(stored[mapped < 0])
+        self._check(mapped < 0, stored, path)
+        return mapped
+
+    def _check(self, invalid: np.ndarray, values: np.ndarray, path: Path) -> None:
+        """Raise naming the stored ``values`` where ``invalid`` holds."""
+        if invalid.any():
+            bad = np.unique(values[invalid])
             shown = ", ".join(str(v) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
             raise DataError(
                 f"{path}: label value(s) {shown} outside the class list "
                 f"({self.num_classes} classes: valid values are {self.describe_valid()})"
             )
-        return mapped
 
 
 # ---- datasets -----------------------------------------------------------------------------

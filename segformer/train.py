@@ -37,7 +37,7 @@ from .data import DataError, SegmentationDataset, check_datasets, has_split, ope
 from .evaluate import RUN_INFO, evaluate
 from .metrics import format_table, json_safe
 from .runtime import autocast, init_process_group, process_device, progress_bar, resolve_precision
-from .transforms import TrainTransform
+from .transforms import TrainTransform, normalize_pixels
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE = "training_state.pt"
@@ -427,8 +427,9 @@ class Trainer:
         over ranks too); returns this rank's per-micro-batch losses (fp32, detached)."""
         losses = []
         for m, (images, labels) in enumerate(micro_batches):
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            # the loader's uint8 pixels and labels are normalised and widened here, on the device
+            images = normalize_pixels(images.to(self.device, non_blocking=True))
+            labels = labels.to(self.device, non_blocking=True).long()
             last = m == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.group.distributed else self.ddp_model.no_sync()
             with sync:

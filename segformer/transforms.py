@@ -13,11 +13,14 @@ maps (nearest neighbour, the same pixels a full resize would give), and only the
 window under the crop is resized, in uint8 (bilinear, align_corners=False, the full
 resize's scale; the window starts on a whole source pixel, so the crop sits less than
 one source pixel off the full resize's grid, and its first row and column may clamp).
-Brightness and contrast before the colour changes are one uint8 lookup table; the colour
-changes (HSV saturation and hue, elementwise over the channel planes) and the last
-contrast run in float on the crop only, and only when drawn; normalisation, the one float
-step every sample takes, writes into the padded output. The crop search and the label
-crop read the label as uint8 when its values fit.
+The photometric distortion is pointwise, so it runs on the smaller of the source window
+and the resized crop: brightness and a first contrast as one uint8 lookup table, the
+colour changes (HSV saturation and hue, elementwise over the channel planes) and a last
+contrast in float, only when drawn, rounded back to uint8. A sample leaves the worker as
+uint8 pixels (padded with the mean colour) and uint8 labels where the class ids fit;
+``normalize_pixels`` is the last step, on the training device, so a quarter of the bytes
+cross the worker queue and the host-to-device copy. The crop search and the label crop
+read the label as uint8 when its values fit.
 
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
 
@@ -39,6 +42,9 @@ from .data import IGNORE_INDEX
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# the training crop's padding: the mean colour in uint8, which normalises to within 0.01 of 0 (the
+# padding value of a normalised image)
+PAD_PIXEL = torch.tensor([round(m) for m in IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1)
 
 
 def base_scale(crop_size: tuple[int, int]) -> tuple[int, int]:
@@ -102,7 +108,8 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.rando
     """(top, left, height, width): a random crop of the label resized by the index maps
     ``rows`` and ``cols`` (resized index -> source index; None: not resized); re-drawn (up
     to ``tries`` times) while one class covers more than ``cat_max_ratio`` of its labelled
-    pixels."""
+    pixels. The class shares are counted on every second row and column of the crop: a
+    quarter of the reads, and a share within a fraction of a percent of the full count's."""
     rows = np.arange(label.shape[0]) if rows is None else rows
     cols = np.arange(label.shape[1]) if cols is None else cols
     height, width = len(rows), len(cols)
@@ -112,7 +119,7 @@ def random_crop_box(label: np.ndarray, crop_size: tuple[int, int], rng: np.rando
         left = int(rng.integers(0, width - crop_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = np.take(np.take(label, rows[top : top + crop_h], axis=0), cols[left : left + crop_w], axis=1)
+        window = np.take(np.take(label, rows[top : top + crop_h : 2], axis=0), cols[left : left + crop_w : 2], axis=1)
         counts = torch.bincount(torch.from_numpy(window.reshape(-1)), minlength=IGNORE_INDEX + 1).numpy()
         counts[IGNORE_INDEX] = 0
         counts = counts[counts > 0]
@@ -187,14 +194,16 @@ def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: in
     if saturation is not None:
         chroma = torch.minimum(chroma * saturation, value)
     # circular distance d = 3 - ||h - lowest| - 3| for |h - lowest| < 6, so 2 - d = ||h - lowest| - 3| - 1;
-    # from 6 to 7 (h down to -2, lowest 5) both sides clamp to 1
-    weight = (sixths - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(value, chroma, weight, value=-1.0)
+    # from 6 to 7 (h down to -2, lowest 5) both sides clamp to 1. The channel V - C clamp(2 - d, 0, 1)
+    # is (V + C) - C clamp(3 - d, 1, 2): one pass over the three planes fewer
+    weight = (sixths - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    return torch.addcmul(value + chroma, chroma, weight, value=-1.0)
 
 
 class TrainTransform:
-    """Raw sample -> (normalised image [3, crop_h, crop_w], label [crop_h, crop_w]) with the
-    SegFormer training augmentation."""
+    """Raw sample -> (pixels uint8 [3, crop_h, crop_w], label [crop_h, crop_w]) with the
+    SegFormer training augmentation; ``normalize_pixels`` is the last step, run on the
+    training device (uint8 crosses the worker queue and the host-to-device copy)."""
 
     def __init__(self, crop_size: tuple[int, int], scale: tuple[int, int] | None = None, ratio_range=(0.5, 2.0),
                  cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True):
@@ -204,9 +213,6 @@ class TrainTransform:
         self.cat_max_ratio = cat_max_ratio
         self.flip_prob = flip_prob
         self.photometric = photometric
-        # normalisation as one multiply-add: (x - mean) / std = x * inverse_std + shift
-        self.inverse_std = 1.0 / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.shift = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * self.inverse_std
 
     def draw(self, label: np.ndarray, rng: np.random.Generator) -> "Augmentation":
         """Every random choice for this sample, in the order the generator is read."""
@@ -228,28 +234,21 @@ class TrainTransform:
         height, width = label.shape
         rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
         cols = cols[left : left + crop_w]
-        # outputs at the crop size; bottom/right padding: image 0, label ignored by the loss
-        image_out = torch.empty(3, *self.crop_size)
-        image_out[:, crop_h:] = 0.0
-        image_out[:, :crop_h, crop_w:] = 0.0
-        label_out = torch.full(self.crop_size, IGNORE_INDEX, dtype=torch.int64)
+        label_out = torch.full(self.crop_size, IGNORE_INDEX, dtype=torch.from_numpy(label[:0, :0]).dtype)
         label_rows = np.take(label, rows[top : top + crop_h], axis=0)  # one axis at a time: cheaper than a 2-D index
         label_out[:crop_h, :crop_w] = torch.from_numpy(np.take(label_rows, cols[::-1] if flip else cols, axis=1))
-        pixels = crop_resized(image, size, (top, left, crop_h, crop_w))  # uint8 [3, h, w]
-        if flip:
-            pixels = pixels.flip(-1)
-        if photometric.brightness is not None or (photometric.contrast_first and photometric.contrast is not None):
-            table = tone_table(photometric.brightness, photometric.contrast if photometric.contrast_first else None)
-            pixels = torch.from_numpy(np.take(table, pixels.numpy()))
-        contrast_last = photometric.contrast if not photometric.contrast_first else None
-        if photometric.saturation is None and photometric.hue is None and contrast_last is None:
-            rgb = pixels  # uint8 until the normalisation
+        # the photometric distortion is pointwise: it runs on whichever of the source window and
+        # the resized crop has fewer pixels (they differ only where bilinear blends two colours)
+        window, resize = source_window(image, size, (top, left, crop_h, crop_w))
+        if window.shape[1] * window.shape[2] < crop_h * crop_w:
+            pixels = resize(distort(window, photometric))
         else:
-            rgb = saturate_and_rotate_hue(pixels.float(), photometric.saturation, photometric.hue)
-            if contrast_last is not None:
-                rgb = rgb.mul_(contrast_last).clamp_(0.0, 255.0)
-        # normalisation, the one float step every sample takes, written into the padded output
-        torch.addcmul(self.shift, rgb, self.inverse_std, out=image_out[:, :crop_h, :crop_w])
+            pixels = distort(resize(window), photometric)
+        # bottom/right padding: the mean colour (normalised: within 0.01 of 0), label ignored by the loss
+        image_out = torch.empty(3, *self.crop_size, dtype=torch.uint8)
+        image_out[:, crop_h:] = PAD_PIXEL
+        image_out[:, :crop_h, crop_w:] = PAD_PIXEL
+        image_out[:, :crop_h, :crop_w] = pixels.flip(-1) if flip else pixels
         return image_out, label_out
 
 
@@ -271,21 +270,55 @@ def compact_label(label: np.ndarray) -> np.ndarray:
     return label
 
 
-def crop_resized(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> torch.Tensor:
-    """The ``box`` (top, left, h, w) of ``image`` (uint8 [H, W, 3]) bilinearly resized to
-    ``size`` (align_corners=False), as uint8 [3, h, w]: only the source window under the
-    box (plus the one neighbour bilinear reads) is resized, at the full resize's scale."""
+def source_window(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]):
+    """(window, resize): the pixels of ``image`` (uint8 [H, W, 3]) under the ``box`` (top,
+    left, h, w) of its bilinear resize to ``size`` (align_corners=False), plus the one
+    neighbour bilinear reads, as uint8 [3, h', w']; and the function that resizes such a
+    window (or the window after a pointwise colour change) to the box, at the full resize's
+    scale."""
     top, left, crop_h, crop_w = box
-    windows = [_source_window(image.shape[axis], size[axis], start, length)
-               for axis, start, length in ((0, top, crop_h), (1, left, crop_w))]
-    (y0, y1), (x0, x1) = windows
     if tuple(size) == image.shape[:2]:  # ratio 1: the crop itself
-        return torch.from_numpy(np.ascontiguousarray(image[top : top + crop_h, left : left + crop_w])).permute(2, 0, 1).contiguous()
-    window = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1)[None]
-    resized = torch.ops.aten.upsample_bilinear2d(
-        window, [crop_h, crop_w], False, size[0] / image.shape[0], size[1] / image.shape[1]
-    )
-    return resized[0].contiguous()
+        return _planes(image[top : top + crop_h, left : left + crop_w]), _unchanged
+    (y0, y1), (x0, x1) = (_source_window(image.shape[axis], size[axis], start, length)
+                          for axis, start, length in ((0, top, crop_h), (1, left, crop_w)))
+    scales = size[0] / image.shape[0], size[1] / image.shape[1]
+
+    def resize(window: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.upsample_bilinear2d(window[None], [crop_h, crop_w], False, *scales)[0]
+
+    return _planes(image[y0:y1, x0:x1]), resize
+
+
+def _planes(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [h, w, 3] (a view) -> contiguous uint8 [3, h, w]."""
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _unchanged(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels
+
+
+def distort(pixels: torch.Tensor, photometric: Photometric) -> torch.Tensor:
+    """The photometric distortion of uint8 [3, h, w] pixels, uint8 out: brightness and a first
+    contrast as one lookup table, then (when drawn) saturation, hue and a last contrast in
+    float over the channel planes, rounded back to uint8."""
+    p = photometric
+    if p.brightness is not None or (p.contrast_first and p.contrast is not None):
+        table = tone_table(p.brightness, p.contrast if p.contrast_first else None)
+        pixels = torch.from_numpy(np.take(table, pixels.numpy()))
+    contrast_last = p.contrast if not p.contrast_first else None
+    if p.saturation is None and p.hue is None and contrast_last is None:
+        return pixels
+    rgb = saturate_and_rotate_hue(pixels.float(), p.saturation, p.hue)
+    if contrast_last is not None:
+        rgb = rgb.mul_(contrast_last).clamp_(0.0, 255.0)
+    return rgb.add_(0.5).to(torch.uint8)  # the float -> uint8 conversion truncates: + 0.5 rounds
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """The training pipeline's last step, on the training device: uint8 [B, 3, H, W] ->
+    normalised float32."""
+    return normalize(pixels.float())
 
 
 def _source_window(size_in: int, size_out: int, start: int, length: int) -> tuple[int, int]:
