@@ -14,9 +14,9 @@ window under the crop is resized, in uint8 (bilinear, align_corners=False, the f
 resize's scale; the window starts on a whole source pixel, so the crop sits less than
 one source pixel off the full resize's grid, and its first row and column may clamp).
 The photometric distortion is pointwise, so it runs on the smaller of the source window
-and the resized crop: brightness and a first contrast as one uint8 lookup table, the
-colour changes (HSV saturation and hue, elementwise over the channel planes) and a last
-contrast in float, only when drawn, rounded back to uint8. A sample leaves the worker as
+and the resized crop: brightness, contrast and the colour changes (HSV saturation and
+hue, elementwise over the channel planes) in float, only when drawn, rounded back to
+uint8 once. A sample leaves the worker as
 uint8 pixels (padded with the mean colour) and uint8 labels where the class ids fit;
 ``normalize_pixels`` is the last step, on the training device, so a quarter of the bytes
 cross the worker queue and the host-to-device copy. The crop search and the label crop
@@ -156,16 +156,6 @@ class Photometric:
                    hue if change_hue else None)
 
 
-def tone_table(brightness: float | None, contrast: float | None) -> np.ndarray:
-    """uint8 -> uint8 lookup table of clip(clip(x + brightness) * contrast), rounded."""
-    values = np.arange(256, dtype=np.float32)
-    if brightness is not None:
-        values = np.clip(values + brightness, 0.0, 255.0)
-    if contrast is not None:
-        values = np.clip(values * contrast, 0.0, 255.0)
-    return np.rint(values).astype(np.uint8)
-
-
 # the hue (in sixths of the circle) at which each of R, G, B is the smallest channel; in HSV -> RGB
 # a channel is V - C * clamp(2 - its circular distance to that hue, 0, 1)
 _LOWEST_AT_HUE = torch.tensor([3.0, 5.0, 1.0]).view(3, 1, 1)
@@ -299,19 +289,20 @@ def _unchanged(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def distort(pixels: torch.Tensor, photometric: Photometric) -> torch.Tensor:
-    """The photometric distortion of uint8 [3, h, w] pixels, uint8 out: brightness and a first
-    contrast as one lookup table, then (when drawn) saturation, hue and a last contrast in
-    float over the channel planes, rounded back to uint8."""
+    """The photometric distortion of uint8 [3, h, w] pixels, uint8 out: in float over the
+    channel planes in between (a few passes over float planes cost less than a uint8 lookup
+    table, whose indices numpy widens to 64 bits), rounded back once."""
     p = photometric
-    if p.brightness is not None or (p.contrast_first and p.contrast is not None):
-        table = tone_table(p.brightness, p.contrast if p.contrast_first else None)
-        pixels = torch.from_numpy(np.take(table, pixels.numpy()))
-    contrast_last = p.contrast if not p.contrast_first else None
-    if p.saturation is None and p.hue is None and contrast_last is None:
+    if p.brightness is None and p.contrast is None and p.saturation is None and p.hue is None:
         return pixels
-    rgb = saturate_and_rotate_hue(pixels.float(), p.saturation, p.hue)
-    if contrast_last is not None:
-        rgb = rgb.mul_(contrast_last).clamp_(0.0, 255.0)
+    rgb = pixels.float()
+    if p.brightness is not None:
+        rgb.add_(p.brightness).clamp_(0.0, 255.0)
+    if p.contrast_first and p.contrast is not None:
+        rgb.mul_(p.contrast).clamp_(0.0, 255.0)
+    rgb = saturate_and_rotate_hue(rgb, p.saturation, p.hue)
+    if not p.contrast_first and p.contrast is not None:
+        rgb.mul_(p.contrast).clamp_(0.0, 255.0)
     return rgb.add_(0.5).to(torch.uint8)  # the float -> uint8 conversion truncates: + 0.5 rounds
 
 

@@ -145,8 +145,8 @@ def test_output_matches_the_float_pipeline(sample, fresh_seed):
     assert torch.equal(label_t.long(), want_label)
     image_t = normalize_pixels(pixels[None])[0]
     difference = ((image_t - want_image) * torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)).abs()  # 0..255 units
-    # rounding to uint8 (half a level) before contrast and saturation (at most 1.5x each), and at the end
-    assert difference.mean() < 1.0 and difference.max() < 3.5, augmentation
+    # rounding to uint8 at the end: half a level
+    assert difference.max() < 0.51, augmentation
 
 
 @pytest.mark.parametrize("ratio", [1.3, 2.0])
