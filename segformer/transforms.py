@@ -263,25 +263,27 @@ def compact_label(label: np.ndarray) -> np.ndarray:
 def source_window(image: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]):
     """(window, resize): the pixels of ``image`` (uint8 [H, W, 3]) under the ``box`` (top,
     left, h, w) of its bilinear resize to ``size`` (align_corners=False), plus the one
-    neighbour bilinear reads, as uint8 [3, h', w']; and the function that resizes such a
-    window (or the window after a pointwise colour change) to the box, at the full resize's
-    scale."""
+    neighbour bilinear reads, as uint8 [3, h', w'] (channels-last in memory); and the
+    function that resizes such a window (or the window after a pointwise colour change) to
+    the box, at the full resize's scale."""
     top, left, crop_h, crop_w = box
     if tuple(size) == image.shape[:2]:  # ratio 1: the crop itself
-        return _planes(image[top : top + crop_h, left : left + crop_w]), _unchanged
+        return _channels_last(image[top : top + crop_h, left : left + crop_w]), _unchanged
     (y0, y1), (x0, x1) = (_source_window(image.shape[axis], size[axis], start, length)
                           for axis, start, length in ((0, top, crop_h), (1, left, crop_w)))
     scales = size[0] / image.shape[0], size[1] / image.shape[1]
 
     def resize(window: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.upsample_bilinear2d(window[None], [crop_h, crop_w], False, *scales)[0]
+        # torch's uint8 bilinear is fastest on channels-last input (and gives channels-last out)
+        batch = window[None].contiguous(memory_format=torch.channels_last)
+        return torch.ops.aten.upsample_bilinear2d(batch, [crop_h, crop_w], False, *scales)[0]
 
-    return _planes(image[y0:y1, x0:x1]), resize
+    return _channels_last(image[y0:y1, x0:x1]), resize
 
 
-def _planes(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 [h, w, 3] (a view) -> contiguous uint8 [3, h, w]."""
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+def _channels_last(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [h, w, 3] (a view) -> uint8 [3, h, w] over a contiguous [h, w, 3] copy."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 def _unchanged(pixels: torch.Tensor) -> torch.Tensor:
@@ -295,7 +297,7 @@ def distort(pixels: torch.Tensor, photometric: Photometric) -> torch.Tensor:
     p = photometric
     if p.brightness is None and p.contrast is None and p.saturation is None and p.hue is None:
         return pixels
-    rgb = pixels.float()
+    rgb = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # planes: the ops below run on each
     if p.brightness is not None:
         rgb.add_(p.brightness).clamp_(0.0, 255.0)
     if p.contrast_first and p.contrast is not None:
