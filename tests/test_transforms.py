@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from segformer.data import IGNORE_INDEX, SyntheticShapes
 from segformer.transforms import (
-    PAD_PIXEL, Photometric, TrainTransform, distort, nearest_indices, normalize, normalize_pixels,
-    random_crop_box, rescaled_size, saturate_and_rotate_hue, source_window,
+    PAD_PIXEL, SHARE_GRID, Photometric, TrainTransform, distort, nearest_indices, normalize,
+    normalize_pixels, random_crop_box, rescaled_size, saturate_and_rotate_hue, source_window,
 )
 
 # ---- the oracle: the previous pipeline, in float on the whole image -----------------------------
@@ -114,6 +114,23 @@ def test_crop_box_is_the_one_chosen_on_the_fully_resized_label(fresh_seed):
         for seed in range(5):
             box = random_crop_box(label, (64, 64), np.random.default_rng([fresh_seed, seed]), rows=rows, cols=cols)
             assert box == random_crop_box(resized.numpy(), (64, 64), np.random.default_rng([fresh_seed, seed]))
+
+
+def test_crop_search_grid_counts_shares_within_a_percent():
+    """The crop search counts class shares on a grid of about 128 x 128 points: on region
+    label maps the largest class's share on the grid is within a percent of the full count's."""
+    def largest_share(window):
+        counts = np.bincount(window.reshape(-1), minlength=IGNORE_INDEX + 1)
+        counts[IGNORE_INDEX] = 0
+        return counts.max() / counts.sum()
+
+    rng = np.random.default_rng(0)
+    for _, label in SyntheticShapes("train", size=(600, 800), length=6, seed=3):
+        for _ in range(10):
+            top, left = rng.integers(0, 600 - 512 + 1), rng.integers(0, 800 - 512 + 1)
+            window = label[top : top + 512, left : left + 512]
+            step = 512 // SHARE_GRID
+            assert abs(largest_share(window) - largest_share(window[::step, ::step])) < 0.01
 
 
 def test_crop_respects_cat_max_ratio():
