@@ -1,7 +1,7 @@
 """CPU benchmarks: this library's PyTorch path against transformers, and the training
 input pipeline, written as rows like every other benchmark.
 
-    python -m bench --cpu [--out DIR] [--threads T] [--only pipeline|cpu]   # -> bench/results/cpu/
+    python -m bench --cpu [--out DIR] [--threads T] [--only REGEX]   # -> bench/results/cpu/
 
 Inference (suite "cpu"): SegFormer B0 and B2, batch 1, 512x512 and 1024x2048, fp32,
 150 classes; ``eager`` is segformer.SegFormer with kernels="torch" (segformer_kernels.torch_ops),
@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -136,13 +137,21 @@ def measure_peak_here(variant: str, provider: str, image: tuple[int, int], threa
     return {"peak_mb": peak_kb / 1024, "peak_over_start_mb": (peak_kb - start_kb) / 1024}
 
 
-def inference_rows(ctx: Context, threads: int, images: tuple, variants: tuple, log) -> list[dict]:
+def inference_case(image: tuple[int, int]) -> str:
+    return f"{image[0]}x{image[1]}-bs1"
+
+
+def inference_rows(ctx: Context, threads: int, images: tuple, variants: tuple, log, wanted) -> list[dict]:
+    """The inference rows of the (variant, image) cases that ``wanted(suite, op, case)`` picks."""
     rows = []
     for variant in variants:
+        picked = [image for image in images if wanted("cpu", f"segformer-{variant}", inference_case(image))]
+        if not picked:
+            continue
         with tempfile.TemporaryDirectory() as folder:
             ours, theirs = build_pair(variant, Path(folder))
         models = {"eager": ours, "transformers": theirs}
-        for image in images:
+        for image in picked:
             x = torch.randn(1, 3, *image)
             times = {p: [] for p, m in models.items() if m is not None}
             with torch.no_grad():
@@ -161,7 +170,7 @@ def inference_rows(ctx: Context, threads: int, images: tuple, variants: tuple, l
                 memory = peak_memory(variant, provider, image, threads)
                 note = ("kernels='torch' (segformer_kernels.torch_ops)" if provider == "eager" else
                         f"transformers, attention {models[provider].config._attn_implementation}")
-                row = make_row(ctx, suite="cpu", op=f"segformer-{variant}", case=f"{image[0]}x{image[1]}-bs1",
+                row = make_row(ctx, suite="cpu", op=f"segformer-{variant}", case=inference_case(image),
                                provider=provider, mode="inference", dtype="float32", batch=1,
                                shape={"B": 1, "H": image[0], "W": image[1], "classes": NUM_CLASSES, "threads": threads,
                                       "rounds": ROUNDS[image]},
@@ -268,14 +277,18 @@ def pipeline_rows(ctx: Context, smoke: bool, log=None) -> list[dict]:
 
 
 def run(out: Path | None, threads: int, smoke: bool = False, only: str | None = None) -> Path:
-    """Measure and write rows.jsonl; ``only`` ("pipeline" or "cpu") measures one suite and
-    keeps the other's rows already in the folder."""
+    """Measure and write rows.jsonl; ``only`` (a regular expression) measures the cases whose
+    'suite/op/case' it matches (e.g. 'pipeline', 'cpu/segformer-b2/1024x2048') and keeps the
+    other rows already in the folder."""
     ctx = cpu_context(threads)
     out = Path(out) if out else (REPO_ROOT / "runs" / "bench-cpu-smoke" if smoke else RESULTS_ROOT / "cpu")
     torch.set_num_threads(threads)
 
     path = out / "rows.jsonl"
-    earlier = [r for r in read_rows(path) if r["suite"] != only] if only and path.exists() else []
+    def wanted(suite: str, op: str, case: str) -> bool:
+        return only is None or re.search(only, f"{suite}/{op}/{case}") is not None
+
+    earlier = [r for r in read_rows(path) if not wanted(r["suite"], r["op"], r["case"])] if only and path.exists() else []
     rows = []
 
     def log(row):
@@ -286,10 +299,9 @@ def run(out: Path | None, threads: int, smoke: bool = False, only: str | None = 
         write_rows(path, merge_rows(earlier, rows))  # after every row: a run stopped early keeps what it measured
 
     print(f"# {ctx.env['gpu']}, torch {ctx.env['torch']}, commit {ctx.env['git_commit']}; {ctx.timer.name}")
-    if only in (None, "pipeline"):
+    if wanted("pipeline", "train-transform", pipeline_case(smoke)[2]):
         pipeline_rows(ctx, smoke, log)
-    if only in (None, "cpu"):
-        inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log)
+    inference_rows(ctx, threads, SMOKE_IMAGES if smoke else IMAGES, ("b0",) if smoke else VARIANTS, log, wanted)
     from .report import write_performance
 
     write_performance(RESULTS_ROOT, RESULTS_ROOT / "PERFORMANCE.md" if out.resolve().parent == RESULTS_ROOT.resolve()
