@@ -98,16 +98,15 @@ def test_fullgraph_compile_traces_forward_and_backward(device):
 
 
 def test_compile_targets_cover_the_launcher_configs():
-    """Every (kernel, constexprs, dtype) a launch at the model's widths compiles is a compile target."""
+    """Every (kernel, constexprs, dtype, warps, stages) a launch at the model's widths compiles is a compile target."""
     compiled = {
-        (t.kernel, tuple(sorted(t.constexprs.items())), next(iter(t.signature.values())))
+        (t.kernel, tuple(sorted(t.constexprs.items())), next(iter(t.signature.values())), t.num_warps, t.num_stages)
         for t in module.compile_targets()
     }
-    kernels = (module._dwconv_gelu_forward_kernel, module._gelu_input_grad_kernel, module._dwconv_transpose_kernel)
     for width in module.HIDDEN_WIDTHS:
-        config = module.stencil_config(width)
-        constexprs = {"BLOCK_T": config["BLOCK_T"], "BLOCK_C": config["BLOCK_C"], "ALIGN": module.alignment(width)}
-        for kernel in kernels:
+        tile = module.stencil_tile(width)
+        constexprs = {**tile.constexprs(), "ALIGN": module.alignment(width)}
+        for kernel in module.KERNELS.values():
             for dtype in ("*fp32", "*fp16", "*bf16"):
-                key = (kernel, tuple(sorted(constexprs.items())), dtype)
-                assert key in compiled, f"{kernel.__name__} at C={width} {dtype} ({constexprs}) has no compile target"
+                key = (kernel, tuple(sorted(constexprs.items())), dtype, tile.num_warps, tile.num_stages)
+                assert key in compiled, f"{kernel.__name__} at C={width} {dtype} ({tile}) has no compile target"

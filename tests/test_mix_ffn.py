@@ -167,21 +167,17 @@ def test_unknown_input_precision_is_refused():
 
 
 def test_compile_targets_cover_the_launcher_configs():
-    """Every (kernel, constexprs, dtype) a launch at the model's widths compiles is a compile target."""
+    """Every (kernel, constexprs, dtype, warps, stages) a launch at the model's widths compiles is a compile target."""
     compiled = {
-        (t.kernel, tuple(sorted(t.constexprs.items())), t.signature["h_ptr"]) for t in module.compile_targets()
+        (t.kernel, tuple(sorted(t.constexprs.items())), t.signature["h_ptr"], t.num_warps, t.num_stages)
+        for t in module.compile_targets()
     }
-    launched = [
-        (module._fc2_forward_kernel, module.forward_config),
-        (module._fc2_weight_grad_kernel, module.weight_grad_config),
-        (module._fc2_input_grad_kernel, module.input_grad_config),
-    ]
     variants = [("*fp32", "tf32"), ("*fp32", "ieee"), ("*fp16", "tf32"), ("*bf16", "tf32")]
     for out_channels in module.OUTPUT_WIDTHS:
         align = module.alignment(out_channels, *module.HIDDEN_WIDTHS)
-        for kernel, config_of in launched:
-            blocks = {k: v for k, v in config_of(out_channels).items() if k.startswith("BLOCK_")}
+        for name, kernel in module.KERNELS.items():
+            tile = module.tile(name, out_channels)
             for dtype, precision in variants:
-                constexprs = {**blocks, "ALIGN": align, "INPUT_PRECISION": precision}
-                key = (kernel, tuple(sorted(constexprs.items())), dtype)
+                constexprs = {**tile.constexprs(), "ALIGN": align, "INPUT_PRECISION": precision}
+                key = (kernel, tuple(sorted(constexprs.items())), dtype, tile.num_warps, tile.num_stages)
                 assert key in compiled, f"{kernel.__name__} at C_out={out_channels} {dtype} {precision}: no target"

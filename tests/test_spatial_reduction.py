@@ -108,10 +108,11 @@ def test_partial_sums_over_several_row_blocks_and_splits(device, monkeypatch, po
     monkeypatch.setattr(module, "SPLIT_ROWS_PER_OUT_CHANNEL", 1)
     batch, hw, channels, sr = 3, (16, 24), 16, 2
     rows = batch * (hw[0] // sr) * (hw[1] // sr)
-    block_m = module._layer_norm_backward_config(channels)["BLOCK_M"]
-    grad_config = module._weight_grad_config(channels, channels)
-    programs, blocks_per_program = module._layer_norm_backward_grid(rows, block_m)
-    splits, _ = module._weight_grad_split(rows, sr * sr, grad_config["BLOCK_R"], channels)
+    def tile(kernel):
+        return module.tile(kernel, channels, channels, torch.float32, "ieee")
+
+    programs, blocks_per_program = module.layer_norm_backward_grid(rows, tile("backward_layer_norm")["BLOCK_M"])
+    splits, _ = module.weight_grad_split(rows, sr * sr, tile("backward_weight")["BLOCK_M"], channels)
     assert programs == 2 and blocks_per_program > 1 and splits > 1
     x = _tokens(batch, hw, channels, torch.float32, device)
     _check_against_fp64(x, hw, _params(channels, channels, sr, torch.float32, device), torch.float32)
@@ -175,23 +176,23 @@ def test_every_variant_stage_at_full_width(channels, dtype, device, poisoned_all
 
 
 def test_compile_targets_cover_the_launcher_configs():
+    """Every (kernel, constexprs, dtype, warps, stages) a launch at the variants' SR
+    stages compiles is a compile target."""
     def element_type(signature):
         return next(v for k, v in signature.items() if k.endswith("_ptr") and k not in module._FP32_BUFFERS)
 
-    targets = module.compile_targets()
-    compiled = {(t.kernel, element_type(t.signature), tuple(sorted(t.constexprs.items()))) for t in targets}
+    compiled = {
+        (t.kernel, element_type(t.signature), tuple(sorted(t.constexprs.items())), t.num_warps, t.num_stages)
+        for t in module.compile_targets()
+    }
     for dtype, triton_type in ((torch.float32, "*fp32"), (torch.float16, "*fp16"), (torch.bfloat16, "*bf16")):
         precisions = ("tf32", "ieee") if dtype == torch.float32 else ("tf32",)
-        for channels, precision in itertools.product(module.VARIANT_CHANNELS, precisions):
-            exact = precision == "ieee"
-            for kernel, config in (
-                (module._forward_kernel, module._forward_config(channels, channels, dtype.itemsize, exact)),
-                (module._layer_norm_backward_kernel, module._layer_norm_backward_config(channels)),
-                (module._input_grad_kernel, module._input_grad_config(channels, channels, exact)),
-                (module._weight_grad_kernel, module._weight_grad_config(channels, channels, exact)),
-            ):
-                constexprs = {**module._blocks(config), "ALIGN": module.alignment(channels)}
-                if "INPUT_PRECISION" in kernel.arg_names:
-                    constexprs["INPUT_PRECISION"] = precision
-                key = (kernel, triton_type, tuple(sorted(constexprs.items())))
-                assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} {precision} has no compile target"
+        for channels, precision, (name, kernel) in itertools.product(
+            module.VARIANT_CHANNELS, precisions, module.KERNELS.items()
+        ):
+            tile = module.tile(name, channels, channels, dtype, precision)
+            constexprs = {**tile.constexprs(), "ALIGN": module.alignment(channels)}
+            if "INPUT_PRECISION" in kernel.arg_names:
+                constexprs["INPUT_PRECISION"] = precision
+            key = (kernel, triton_type, tuple(sorted(constexprs.items())), tile.num_warps, tile.num_stages)
+            assert key in compiled, f"{kernel.__name__} at C={channels} {dtype} {precision} has no compile target"

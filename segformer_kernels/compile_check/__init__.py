@@ -3,7 +3,9 @@
     python -m segformer_kernels.compile_check [--arch 80 90] [--only NAME] [--json PATH]
 
 Each kernel module lists what its launchers can launch through
-``compile_targets() -> list[CompileTarget]``. This tool compiles every target for
+``compile_targets() -> list[CompileTarget]``, which ``build_targets`` makes from the
+module's launches (``Launch``: a kernel at a launch config, ``launch.Tile``, from the same
+tables and config functions its launchers use). This tool compiles every target for
 each architecture with ``triton.compile`` (which needs ptxas, shipped in triton's
 wheel, but no GPU and no driver), reads the cubin's resource usage with the
 ``cuobjdump`` from the same wheel, and prints one row per (kernel, config, arch):
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import functools
 import importlib
+import inspect
 import io
 import json
 import multiprocessing
@@ -49,9 +52,13 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from typing import Collection, Iterable
 
+import torch
 import triton
 import triton.language as tl
+
+from ..triton.launch import TRITON_DTYPES, Tile
 
 ARCHS = (80, 90)
 
@@ -69,6 +76,9 @@ SELF_MODULE = "segformer_kernels.compile_check"
 MIN_TASKS_FOR_POOL = 8
 
 
+# --------------------------------------------------------------------------- compile targets and the builder
+
+
 @dataclass(frozen=True)
 class CompileTarget:
     """One kernel at one launch configuration, as its launcher would launch it.
@@ -84,6 +94,75 @@ class CompileTarget:
     num_warps: int = 4
     num_stages: int = 2
     config: str = ""
+
+
+def kernel_signature(kernel, dtype: torch.dtype, *, pointers: Collection[str] | None = None,
+                     fp32_pointers: Collection[str] = (), floats: Collection[str] = ()) -> dict[str, str]:
+    """Triton types of ``kernel``'s runtime arguments for inputs of ``dtype``, as a compile
+    target lists them: tensor pointers (``pointers``, by default the arguments named
+    ``*_ptr``) to ``dtype`` except ``fp32_pointers``, ``floats`` fp32 scalars, everything
+    else (sizes, strides) i32. tl.constexpr arguments are left out."""
+    function = kernel
+    while hasattr(function, "fn"):  # through autotuner, JITFunction or interpreter wrappers
+        function = function.fn
+    parameters = inspect.signature(function).parameters
+    element = TRITON_DTYPES[dtype]
+    signature = {}
+    for name, parameter in parameters.items():
+        if "constexpr" in str(parameter.annotation):
+            continue
+        if name in fp32_pointers:
+            signature[name] = "*fp32"
+        elif name in pointers if pointers is not None else name.endswith("_ptr"):
+            signature[name] = f"*{element}"
+        else:
+            signature[name] = "fp32" if name in floats else "i32"
+    return signature
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch a kernel module's launchers make for a shape the model runs: the
+    kernel ``kernel`` (its key in the module's table of kernels) at ``tile`` on inputs of
+    ``dtype``, with its other tl.constexpr arguments ``constexprs``. ``shape`` names the
+    shape in the report; ``fp32_pointers``: pointers that are fp32 in this launch besides
+    those every launch of the module has."""
+
+    kernel: str
+    dtype: torch.dtype
+    tile: Tile
+    constexprs: dict[str, object] = field(default_factory=dict)
+    shape: str = ""
+    fp32_pointers: frozenset[str] = frozenset()
+
+
+def build_targets(op: str, kernels: dict[str, object], launches: Iterable[Launch], *,
+                  pointers: Collection[str] | None = None, fp32_pointers: Collection[str] = (),
+                  floats: Collection[str] = ()) -> list[CompileTarget]:
+    """The compile targets of an op's launches, named ``<op>_<kernel>``: one per distinct
+    compile, so the shapes that launch the same code share a target (its config lists
+    them). Signatures as ``kernel_signature`` gives them for each launch's dtype."""
+    targets: dict[tuple, CompileTarget] = {}
+    shapes: dict[tuple, list[str]] = {}
+    for launch in launches:
+        kernel = kernels[launch.kernel]
+        signature = kernel_signature(kernel, launch.dtype, pointers=pointers,
+                                     fp32_pointers={*fp32_pointers, *launch.fp32_pointers}, floats=floats)
+        constexprs = {**launch.constexprs, **launch.tile.constexprs()}
+        key = (launch.kernel, *signature.items(), *sorted(constexprs.items()), launch.tile.num_warps,
+               launch.tile.num_stages)
+        shapes.setdefault(key, []).append(launch.shape)
+        others = " ".join(f"{name}={value}" for name, value in launch.constexprs.items())
+        targets[key] = CompileTarget(
+            name=f"{op}_{launch.kernel}", kernel=kernel, signature=signature, constexprs=constexprs,
+            num_warps=launch.tile.num_warps, num_stages=launch.tile.num_stages,
+            config=" ".join(filter(None, (TRITON_DTYPES[launch.dtype], "/".join(filter(None, shapes[key])), others,
+                                          str(launch.tile)))),
+        )
+    return list(targets.values())
+
+
+# --------------------------------------------------------------------------- results
 
 
 @dataclass
@@ -114,10 +193,9 @@ class Row:
         return self.stack_bytes + (self.local_bytes or 0)
 
 
-# ---------------------------------------------------------------------------
-# Self-test kernels: small, but shaped like the real ones (masks, constexpr
-# tiles, an fp16 tensor-core matmul) so the whole path is exercised.
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- self-test kernels
+# Small, but shaped like the real ones (masks, constexpr tiles, an fp16 tensor-core
+# matmul) so the whole path is exercised.
 
 
 @triton.jit
@@ -171,9 +249,7 @@ def compile_targets() -> list[CompileTarget]:
     ]
 
 
-# ---------------------------------------------------------------------------
-# Discovery
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- discovery
 
 
 def registered_modules() -> list[str]:
@@ -196,9 +272,7 @@ def module_targets(module_name: str) -> list[CompileTarget]:
     return list(module.compile_targets())
 
 
-# ---------------------------------------------------------------------------
-# Compiling one target
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- compiling one target
 
 
 def jit_function(kernel):
@@ -401,9 +475,7 @@ def check_by_index(module_name: str, index: int, arch: int) -> Row:
     return check(module_name, module_targets(module_name)[index], arch)
 
 
-# ---------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- command line
 
 
 def arch_label(arch: int | None) -> str:

@@ -35,38 +35,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..compile_check import CompileTarget
-from .attention_core import (
-    LOG2E,
-    LOG2E_IN_KERNEL,
-    accumulate_dkdv,
-    attend,
-    attention_dq,
-    block_d,
-    head_base,
-    hinted_strides,
-    key_block_split_and_head,
-    key_gradient_partials,
-    load_tile,
-    query_block_and_head,
-    store_key_partials,
-    store_tile,
-    sum_key_partials,
-)
+from ..compile_check import CompileTarget, Launch, build_targets
+from . import attention_core as core
 from .launch import (
-    INPUT_PRECISIONS,
-    TRITON_DTYPES,
-    Tile,
-    alignment,
-    kernel_launcher,
-    kernel_signature,
-    launch_configs,
-    launch_tiled,
-    multiple_of,
-    resolve_input_precision,
+    DTYPE_PRECISIONS, Tile, alignment, kernel_launcher, launch_configs, launch_tiled, resolve_input_precision,
 )
-
-
 
 # --------------------------------------------------------------------------- kernels
 
@@ -84,31 +57,18 @@ def _attention_forward_kernel(
     INPUT_PRECISION: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr,
 ):
     """One program per (query block, batch*head); qk_scale = scale * log2(e)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
-        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
-    )
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    stride_ob, stride_on, stride_oh, stride_od = hinted_strides(
-        stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
-    )
-    pid_n, pid_bh = query_block_and_head(N, BLOCK_N)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
+    pid_bh, batch, head, rows, dims = core.query_program(N, heads, BLOCK_N, BLOCK_D)
+    k_base, stride_km, stride_kd = core.head_view(K, batch, head, stride_kb, stride_km, stride_kh, stride_kd,
+                                                  ALIGN, CONTIGUOUS_D)
+    v_base, stride_vm, stride_vd = core.head_view(V, batch, head, stride_vb, stride_vm, stride_vh, stride_vd,
+                                                  ALIGN, CONTIGUOUS_D)
+    q = core.load_head_rows(Q, batch, head, stride_qb, stride_qn, stride_qh, stride_qd, rows, N, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
 
-    q = load_tile(head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
-    k_base = head_base(K, batch, head, stride_kb, stride_kh)
-    v_base = head_base(V, batch, head, stride_vb, stride_vh)
-
-    out, lse = attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
-                       HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-    store_tile(head_base(O, batch, head, stride_ob, stride_oh), out, rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    out, lse = core.attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
+                           HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+    core.store_head_rows(O, out, batch, head, stride_ob, stride_on, stride_oh, stride_od, rows, N, dims,
+                         HEAD_DIM, ALIGN, CONTIGUOUS_D)
     tl.store(LSE + pid_bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
@@ -128,46 +88,27 @@ def _attention_backward_dq_kernel(
 ):
     """One program per (query block, batch*head): delta = rowsum(dO * O), then
     dQ = scale * sum_j dS_j K_j with dS = P * (dO V^T - delta)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
-        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
-    )
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    stride_ob, stride_on, stride_oh, stride_od = hinted_strides(
-        stride_ob, stride_on, stride_oh, stride_od, ALIGN, CONTIGUOUS_D
-    )
-    stride_dob, stride_don, stride_doh, stride_dod = hinted_strides(
-        stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
-    )
-    stride_dqb, stride_dqn, stride_dqh, stride_dqd = hinted_strides(
-        stride_dqb, stride_dqn, stride_dqh, stride_dqd, ALIGN, CONTIGUOUS_D
-    )
-    pid_n, pid_bh = query_block_and_head(N, BLOCK_N)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-
-    q = load_tile(head_base(Q, batch, head, stride_qb, stride_qh), rows, N, stride_qn, dims, HEAD_DIM, stride_qd)
-    do_base = head_base(DO, batch, head, stride_dob, stride_doh)
-    do = load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
-    o = load_tile(head_base(O, batch, head, stride_ob, stride_oh), rows, N, stride_on, dims, HEAD_DIM, stride_od)
+    pid_bh, batch, head, rows, dims = core.query_program(N, heads, BLOCK_N, BLOCK_D)
+    do = core.load_head_rows(DO, batch, head, stride_dob, stride_don, stride_doh, stride_dod, rows, N, dims,
+                             HEAD_DIM, ALIGN, CONTIGUOUS_D)
+    o = core.load_head_rows(O, batch, head, stride_ob, stride_on, stride_oh, stride_od, rows, N, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_stats = pid_bh.to(tl.int64) * N + rows
     tl.store(DELTA + row_stats, delta, mask=rows < N)
-    lse2 = tl.load(LSE + row_stats, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
+    lse2 = tl.load(LSE + row_stats, mask=rows < N, other=0.0) * core.LOG2E_IN_KERNEL
 
-    k_base = head_base(K, batch, head, stride_kb, stride_kh)
-    v_base = head_base(V, batch, head, stride_vb, stride_vh)
-    dq = attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M,
-                       qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+    q = core.load_head_rows(Q, batch, head, stride_qb, stride_qn, stride_qh, stride_qd, rows, N, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
+    k_base, stride_km, stride_kd = core.head_view(K, batch, head, stride_kb, stride_km, stride_kh, stride_kd,
+                                                  ALIGN, CONTIGUOUS_D)
+    v_base, stride_vm, stride_vd = core.head_view(V, batch, head, stride_vb, stride_vm, stride_vh, stride_vd,
+                                                  ALIGN, CONTIGUOUS_D)
+    dq = core.attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M,
+                           qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
 
-    dq_base = head_base(DQ, batch, head, stride_dqb, stride_dqh)
-    store_tile(dq_base, dq * scale, rows, N, stride_dqn, dims, HEAD_DIM, stride_dqd)
+    core.store_head_rows(DQ, dq * scale, batch, head, stride_dqb, stride_dqn, stride_dqh, stride_dqd, rows, N, dims,
+                         HEAD_DIM, ALIGN, CONTIGUOUS_D)
 
 
 @triton.jit
@@ -187,107 +128,41 @@ def _attention_backward_dkdv_kernel(
     dV = P^T dO and dK = scale * dS^T Q for that key block, computed transposed
     (keys as rows) so both accumulate in registers. DK/DV are [split, B, M, h, d]
     buffers (fp32 partials, or the gradients themselves when there is one split)."""
-    stride_qb, stride_qn, stride_qh, stride_qd = hinted_strides(
-        stride_qb, stride_qn, stride_qh, stride_qd, ALIGN, CONTIGUOUS_D
-    )
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    stride_dob, stride_don, stride_doh, stride_dod = hinted_strides(
-        stride_dob, stride_don, stride_doh, stride_dod, ALIGN, CONTIGUOUS_D
-    )
-    stride_ds = multiple_of(stride_ds, ALIGN)
-    stride_db, stride_dm, stride_dh, stride_dd = hinted_strides(
-        stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
-    )
-    pid_m, split, pid_bh = key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_range = tl.arange(0, BLOCK_N)
-
-    k = load_tile(head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
-    v = load_tile(head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
-    q_base = head_base(Q, batch, head, stride_qb, stride_qh)
-    do_base = head_base(DO, batch, head, stride_dob, stride_doh)
+    split, pid_bh, batch, head, keys, dims = core.key_program(N, M, heads, rows_per_split, BLOCK_M, BLOCK_D)
+    k = core.load_head_rows(K, batch, head, stride_kb, stride_km, stride_kh, stride_kd, keys, M, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
+    v = core.load_head_rows(V, batch, head, stride_vb, stride_vm, stride_vh, stride_vd, keys, M, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
     stats_base = pid_bh.to(tl.int64) * N
+    row_range = tl.arange(0, BLOCK_N)
+    q_base, stride_qn, stride_qd = core.head_view(Q, batch, head, stride_qb, stride_qn, stride_qh, stride_qd,
+                                                  ALIGN, CONTIGUOUS_D)
+    do_base, stride_don, stride_dod = core.head_view(DO, batch, head, stride_dob, stride_don, stride_doh, stride_dod,
+                                                     ALIGN, CONTIGUOUS_D)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
+    row_start, row_end = core.split_rows(split, rows_per_split, N)
     # Query rows past N load as zero q and dO rows with zero lse and delta: their
     # probabilities are finite and their dO and dS columns are exactly zero, so they add
     # nothing. rows_per_split is a multiple of BLOCK_N, so blocks never straddle splits.
     for start_n in range(row_start, row_end, BLOCK_N):
         rows = start_n + row_range
-        q_t = load_tile(q_base, dims, HEAD_DIM, stride_qd, rows, N, stride_qn)  # [BLOCK_D, BLOCK_N]
-        do = load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
-        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
+        q_t = core.load_tile(q_base, dims, HEAD_DIM, stride_qd, rows, N, stride_qn)  # [BLOCK_D, BLOCK_N]
+        do = core.load_tile(do_base, rows, N, stride_don, dims, HEAD_DIM, stride_dod)
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * core.LOG2E_IN_KERNEL
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
+        dk, dv = core.accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
-    store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
-                        stride_dd, keys, M, dims, HEAD_DIM)
+    core.store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+                            stride_dd, keys, M, dims, HEAD_DIM, ALIGN, CONTIGUOUS_D)
+
+
+KERNELS = {"forward": _attention_forward_kernel, "backward_dq": _attention_backward_dq_kernel,
+           "backward_dkdv": _attention_backward_dkdv_kernel}
 
 
 # --------------------------------------------------------------------------- launch configurations
-
-
-KERNELS = {
-    "forward": _attention_forward_kernel,
-    "backward_dq": _attention_backward_dq_kernel,
-    "backward_dkdv": _attention_backward_dkdv_kernel,
-}
-
-# Autotune candidates: 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
-# dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
-# fp32 ("ieee") dots run on the FMA units, need far more registers and are for tests, so
-# they get one small config. Every one compiles with zero spills for sm_80 and sm_90 at
-# d = 16, 32, 64, 128 under triton 3.6 (the GPU image's) and 3.9 (compile_targets()
-# lists them for `python -m segformer_kernels.compile_check`) and fits sm_80's shared
-# memory. ptxas's allocation is not monotonic in the tile size and differs between the
-# two ptxas versions: the small dK/dV tiles spill a few predicate registers at some
-# warp/stage counts, and the 16-bit 64 x 64 dK/dV tile sits at 255 registers on sm_80,
-# spilling with 1 or 2 stages but not 3. So each set is what passed, not a rule. The
-# 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the size of Hopper's
-# wgmma tile. Tile(query rows, key rows, warps, stages).
-HALF_TILES = {
-    "forward": {
-        64: (Tile(128, 32, 4, 3), Tile(64, 64, 4, 3), Tile(128, 64, 8, 3)),
-        128: (Tile(64, 64, 4, 3), Tile(128, 64, 8, 2), Tile(64, 32, 4, 3)),
-    },
-    "backward_dq": {
-        64: (Tile(64, 32, 4, 2), Tile(128, 32, 8, 2), Tile(64, 32, 4, 3)),
-        128: (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(64, 32, 8, 2)),
-    },
-    "backward_dkdv": {
-        64: (Tile(32, 64, 4, 2), Tile(64, 64, 8, 3), Tile(32, 128, 8, 2)),
-        128: (Tile(64, 64, 8, 2), Tile(32, 64, 8, 2)),
-    },
-}
-TF32_TILES = {
-    "forward": (Tile(64, 32, 4, 2),),
-    "backward_dq": (Tile(64, 32, 8, 2), Tile(32, 32, 4, 2)),
-    "backward_dkdv": (Tile(32, 32, 8, 2), Tile(16, 32, 4, 2)),
-}
-IEEE_TILES = {
-    "forward": (Tile(32, 16, 8, 2),),
-    "backward_dq": (Tile(32, 16, 4, 2),),
-    "backward_dkdv": (Tile(16, 16, 4, 2),),
-}
-# Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
-# head-dim slice, d not a multiple of 16) run without layout hints: every element is its
-# own scalar load with its own address, so they get small tiles at every dtype.
-GENERIC_TILES = {
-    "forward": (Tile(32, 32, 8, 2),),
-    "backward_dq": (Tile(32, 16, 4, 2),),
-    "backward_dkdv": (Tile(16, 16, 4, 1),),
-}
 
 
 @dataclass(frozen=True)
@@ -308,8 +183,56 @@ UNALIGNED = Layout(align=1, contiguous_d=False)
 
 
 def _layout_of(*tensors: Tensor) -> Layout:
+    """ALIGNED when every tensor's head dim is contiguous and its other strides are
+    multiples of 16 elements, else UNALIGNED."""
     contiguous_d = all(t.stride(-1) == 1 for t in tensors)
     return ALIGNED if contiguous_d and alignment(*(s for t in tensors for s in t.stride()[:-1])) == 16 else UNALIGNED
+
+
+# Autotune candidates: 16-bit inputs by head dim (up to 64, up to 128); fp32 with tf32
+# dots one set for every head dim (fp32 is the accuracy path, not the fast one); exact
+# fp32 ("ieee") dots run on the FMA units, need far more registers and are for tests, so
+# they get one small config. Every one compiles with zero spills for sm_80 and sm_90 at
+# d = 16, 32, 64, 128 under triton 3.6 (the GPU image's) and 3.9 (compile_targets()
+# lists them for `python -m segformer_kernels.compile_check`) and fits sm_80's shared
+# memory. ptxas's allocation is not monotonic in the tile size and differs between the
+# two ptxas versions: the small dK/dV tiles spill a few predicate registers at some
+# warp/stage counts, and the 16-bit 64 x 64 dK/dV tile sits at 255 registers on sm_80,
+# spilling with 1 or 2 stages but not 3. So each set is what passed, not a rule. The
+# 16-bit sets keep 64 rows per warpgroup where sm_80 allows it, the size of Hopper's
+# wgmma tile. core.tile(query rows, key rows, warps, stages).
+HALF_TILES = {
+    "forward": {
+        64: (core.tile(128, 32, 4, 3), core.tile(64, 64, 4, 3), core.tile(128, 64, 8, 3)),
+        128: (core.tile(64, 64, 4, 3), core.tile(128, 64, 8, 2), core.tile(64, 32, 4, 3)),
+    },
+    "backward_dq": {
+        64: (core.tile(64, 32, 4, 2), core.tile(128, 32, 8, 2), core.tile(64, 32, 4, 3)),
+        128: (core.tile(64, 32, 4, 2), core.tile(64, 64, 8, 2), core.tile(64, 32, 8, 2)),
+    },
+    "backward_dkdv": {
+        64: (core.tile(32, 64, 4, 2), core.tile(64, 64, 8, 3), core.tile(32, 128, 8, 2)),
+        128: (core.tile(64, 64, 8, 2), core.tile(32, 64, 8, 2)),
+    },
+}
+TF32_TILES = {
+    "forward": (core.tile(64, 32, 4, 2),),
+    "backward_dq": (core.tile(64, 32, 8, 2), core.tile(32, 32, 4, 2)),
+    "backward_dkdv": (core.tile(32, 32, 8, 2), core.tile(16, 32, 4, 2)),
+}
+IEEE_TILES = {
+    "forward": (core.tile(32, 16, 8, 2),),
+    "backward_dq": (core.tile(32, 16, 4, 2),),
+    "backward_dkdv": (core.tile(16, 16, 4, 2),),
+}
+# Inputs whose strides give no alignment or whose head dim is not contiguous (rare: a
+# head-dim slice, d not a multiple of 16) run without layout hints: every element is its
+# own scalar load with its own address, so they get small tiles at every dtype.
+GENERIC_TILES = {
+    "forward": (core.tile(32, 32, 8, 2),),
+    "backward_dq": (core.tile(32, 16, 4, 2),),
+    "backward_dkdv": (core.tile(16, 16, 4, 1),),
+}
 
 
 def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, layout: Layout) -> tuple[Tile, ...]:
@@ -323,6 +246,9 @@ def tiles(kernel: str, head_dim: int, dtype: torch.dtype, input_precision: str, 
     return HALF_TILES[kernel][64 if head_dim <= 64 else 128]
 
 
+# --------------------------------------------------------------------------- launchers
+
+
 def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_precision: str) -> None:
     """Launch ``kernel`` over ``grid``; ``tensors`` are the [.., d] tensors it reads and
     writes through strides (they decide the layout hints). Every output is fully written
@@ -330,13 +256,11 @@ def _launch(kernel: str, grid, args, tensors, head_dim: int, m: int, input_preci
     depend on the tile), so the autotuner's benchmark runs leave nothing behind."""
     layout = _layout_of(*tensors)
     constexprs = {
-        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "INPUT_PRECISION": input_precision, **layout.constexprs()
+        "HEAD_DIM": head_dim, "BLOCK_D": core.block_d(head_dim), "INPUT_PRECISION": input_precision,
+        **layout.constexprs(),
     }
     configs = launch_configs(tiles(kernel, head_dim, tensors[0].dtype, input_precision, layout))
     launch_tiled(KERNELS[kernel], grid, args, constexprs, configs, tuple(constexprs), m)
-
-
-# --------------------------------------------------------------------------- launchers
 
 
 def launch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precision: str) -> tuple[Tensor, Tensor]:
@@ -348,7 +272,7 @@ def launch_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, input_precisio
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]) * batch * heads,)
 
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), n, m, heads, scale * LOG2E)
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), n, m, heads, scale * core.LOG2E)
     _launch("forward", grid, args, (q, k, v, out), head_dim, m, input_precision)
     return out, lse
 
@@ -368,11 +292,11 @@ def launch_backward(
     dq_args = (
         q, k, v, out, grad_out, grad_q, lse, delta,
         *qkv_strides, *out.stride(), *grad_out.stride(), *grad_q.stride(),
-        n, m, heads, scale, scale * LOG2E,
+        n, m, heads, scale, scale * core.LOG2E,
     )
     _launch("backward_dq", dq_grid, dq_args, (q, k, v, out, grad_out, grad_q), head_dim, m, input_precision)
 
-    rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
+    rows_per_split, partial_k, partial_v = core.key_gradient_partials(k, n)
     splits = partial_k.shape[0]
 
     def dkdv_grid(meta):
@@ -381,10 +305,10 @@ def launch_backward(
     dkdv_args = (
         q, k, v, grad_out, lse, delta, partial_k, partial_v,
         *qkv_strides, *grad_out.stride(), *partial_k.stride(),
-        n, m, heads, rows_per_split, scale, scale * LOG2E,
+        n, m, heads, rows_per_split, scale, scale * core.LOG2E,
     )
     _launch("backward_dkdv", dkdv_grid, dkdv_args, (q, k, v, grad_out, partial_k), head_dim, m, input_precision)
-    return (grad_q, *sum_key_partials(partial_k, partial_v, k.dtype))
+    return (grad_q, *core.sum_key_partials(partial_k, partial_v, k.dtype))
 
 
 # --------------------------------------------------------------------------- autograd op
@@ -462,35 +386,21 @@ SCALE_ARGUMENTS = {"scale", "qk_scale"}
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def _signature(kernel, dtype: torch.dtype, split_partials: bool) -> dict[str, str]:
-    """Statistics fp32, dK/dV fp32 when they are split partials, other tensors in the input dtype."""
-    fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if split_partials else set())
-    return kernel_signature(kernel, dtype, pointers=_TENSOR_POINTERS, fp32_pointers=fp32_pointers,
-                            floats=SCALE_ARGUMENTS)
+def _launches():
+    """Every (kernel, config, dtype, head dim, dot precision, layout) the launchers can
+    launch on a GPU; dK/dV also with fp32 partial buffers (several query splits) for
+    16-bit inputs, whose single-split buffers are in the input dtype."""
+    for (dtype, precision), head_dim, layout, kernel in itertools.product(
+        DTYPE_PRECISIONS, HEAD_DIMS, (ALIGNED, UNALIGNED), KERNELS
+    ):
+        constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": core.block_d(head_dim), "INPUT_PRECISION": precision,
+                      **layout.constexprs()}
+        split_partials = (False, True) if kernel == "backward_dkdv" and dtype != torch.float32 else (False,)
+        for tile, partials in itertools.product(tiles(kernel, head_dim, dtype, precision, layout), split_partials):
+            yield Launch(kernel, dtype, tile, constexprs, shape=f"d={head_dim}" + (" partials" if partials else ""),
+                         fp32_pointers=frozenset({"DK", "DV"} if partials else ()))
 
 
 def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype, head dim, dot precision, layout) the launcher can
-    launch on a GPU; dK/dV also with fp32 partial buffers for 16-bit inputs."""
-    targets = []
-    for (dtype, element), head_dim, layout in itertools.product(TRITON_DTYPES.items(), HEAD_DIMS, (ALIGNED, UNALIGNED)):
-        precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
-        for (kernel_name, kernel), precision in itertools.product(KERNELS.items(), precisions):
-            split_variants = (False, True) if kernel_name == "backward_dkdv" and dtype != torch.float32 else (False,)
-            for tile, split_partials in itertools.product(
-                tiles(kernel_name, head_dim, dtype, precision, layout), split_variants
-            ):
-                targets.append(CompileTarget(
-                    name=f"attention_{kernel_name}",
-                    kernel=kernel,
-                    signature=_signature(kernel, dtype, split_partials),
-                    constexprs={
-                        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_N": tile.block_n,
-                        "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision, **layout.constexprs(),
-                    },
-                    num_warps=tile.num_warps,
-                    num_stages=tile.num_stages,
-                    config=f"{element} d={head_dim} N{tile.block_n} M{tile.block_m} w{tile.num_warps} "
-                    f"s{tile.num_stages} {precision} align{layout.align}" + (" partials" if split_partials else ""),
-                ))
-    return targets
+    return build_targets("attention", KERNELS, _launches(), pointers=_TENSOR_POINTERS, fp32_pointers=_STAT_POINTERS,
+                         floats=SCALE_ARGUMENTS)

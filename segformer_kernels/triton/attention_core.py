@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import multiple_of
+from .launch import Tile, multiple_of
 
 LOG2E = 1.4426950408889634
 # Globals a kernel reads must be constexpr.
@@ -33,17 +33,18 @@ def head_base(ptr, batch, head, stride_batch, stride_head):
 
 
 @triton.jit
-def hinted_strides(stride_batch, stride_token, stride_head, stride_dim,
-                   ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
-    """One [B, tokens, heads, d] tensor's strides as the compiler should see them: the
-    launcher checked that the first three are multiples of ALIGN and, with CONTIGUOUS_D,
-    that the head-dim stride is 1, so rows load as wide vectors (also in the compile
-    check, which does not specialise integer arguments the way a launch does)."""
+def head_view(ptr, batch, head, stride_batch, stride_token, stride_head, stride_dim,
+              ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
+    """One head of a [B, tokens, heads, d] tensor: the pointer to its element
+    [batch, 0, head, 0], and its token and head-dim strides as the compiler should see
+    them: the launcher checked that the batch, token and head strides are multiples of
+    ALIGN and, with CONTIGUOUS_D, that the head-dim stride is 1, so rows load as wide
+    vectors. A launch specialises such integer arguments by itself; the compile check
+    does not, so without these hints it would compile other code than a launch runs."""
     if CONTIGUOUS_D:
         stride_dim = 1
-    return (
-        multiple_of(stride_batch, ALIGN), multiple_of(stride_token, ALIGN), multiple_of(stride_head, ALIGN), stride_dim
-    )
+    base = head_base(ptr, batch, head, multiple_of(stride_batch, ALIGN), multiple_of(stride_head, ALIGN))
+    return base, multiple_of(stride_token, ALIGN), stride_dim
 
 
 @triton.jit
@@ -78,6 +79,25 @@ def store_tile(base, value, offs_a, size_a, stride_a, offs_b, size_b, stride_b):
 
 
 @triton.jit
+def load_head_rows(ptr, batch, head, stride_batch, stride_token, stride_head, stride_dim, rows, num_rows, dims,
+                   HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
+    """Rows ``rows`` of one head of a [B, num_rows, heads, d] tensor as a [rows, BLOCK_D]
+    tile, zero outside (see head_view)."""
+    base, stride_token, stride_dim = head_view(ptr, batch, head, stride_batch, stride_token, stride_head, stride_dim,
+                                               ALIGN, CONTIGUOUS_D)
+    return load_tile(base, rows, num_rows, stride_token, dims, HEAD_DIM, stride_dim)
+
+
+@triton.jit
+def store_head_rows(ptr, value, batch, head, stride_batch, stride_token, stride_head, stride_dim, rows, num_rows,
+                    dims, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
+    """``value`` into rows ``rows`` of one head of a [B, num_rows, heads, d] tensor."""
+    base, stride_token, stride_dim = head_view(ptr, batch, head, stride_batch, stride_token, stride_head, stride_dim,
+                                               ALIGN, CONTIGUOUS_D)
+    store_tile(base, value, rows, num_rows, stride_token, dims, HEAD_DIM, stride_dim)
+
+
+@triton.jit
 def query_block_and_head(N, BLOCK_N: tl.constexpr):
     """(query block, batch*head) of this program. The grid is 1-D (batch*heads may pass
     the 65535 limit of the other grid axes) with query blocks fastest, so the programs
@@ -85,6 +105,33 @@ def query_block_and_head(N, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     query_blocks = tl.cdiv(N, BLOCK_N)
     return pid % query_blocks, pid // query_blocks
+
+
+@triton.jit
+def query_program(N, heads, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A per-(query block, batch*head) program's batch*head, batch, head, query rows and
+    head-dim range."""
+    pid_n, pid_bh = query_block_and_head(N, BLOCK_N)
+    return pid_bh, pid_bh // heads, pid_bh % heads, pid_n * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def key_program(N, M, heads, rows_per_split, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A dK/dV program's query split, batch*head, batch, head, key rows and head-dim range.
+    1-D grid, key blocks fastest: the programs sharing a split's query rows run together."""
+    pid = tl.program_id(0)
+    key_blocks = tl.cdiv(M, BLOCK_M)
+    splits = tl.cdiv(N, rows_per_split)
+    pid_bh = pid // (key_blocks * splits)
+    keys = (pid % key_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (pid // key_blocks) % splits, pid_bh, pid_bh // heads, pid_bh % heads, keys, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
+def split_rows(split, rows_per_split, N):
+    """The query rows [start, end) a dK/dV program of query split ``split`` walks."""
+    start = split * rows_per_split
+    return start, tl.minimum(start + rows_per_split, N)
 
 
 @triton.jit
@@ -161,32 +208,31 @@ def accumulate_dkdv(k, v, q_t, do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISIO
 
 
 @triton.jit
-def key_block_split_and_head(N, M, rows_per_split, BLOCK_M: tl.constexpr):
-    """(key block, query split, batch*head) of a dK/dV program. 1-D grid, key blocks
-    fastest: the programs sharing a split's query rows run together."""
-    pid = tl.program_id(0)
-    key_blocks = tl.cdiv(M, BLOCK_M)
-    splits = tl.cdiv(N, rows_per_split)
-    return pid % key_blocks, (pid // key_blocks) % splits, pid // (key_blocks * splits)
-
-
-@triton.jit
 def store_key_partials(DK, DV, dk, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh, stride_dd,
-                        keys, M, dims, HEAD_DIM: tl.constexpr):
+                       keys, M, dims, HEAD_DIM: tl.constexpr, ALIGN: tl.constexpr, CONTIGUOUS_D: tl.constexpr):
     """A dK/dV program's tiles into its split's slice of the [split, B, M, h, d] buffers."""
-    split_offset = split.to(tl.int64) * stride_ds
-    dk_base = head_base(DK + split_offset, batch, head, stride_db, stride_dh)
-    dv_base = head_base(DV + split_offset, batch, head, stride_db, stride_dh)
+    split_offset = split.to(tl.int64) * multiple_of(stride_ds, ALIGN)
+    dk_base, stride_dm, stride_dd = head_view(DK + split_offset, batch, head, stride_db, stride_dm, stride_dh,
+                                              stride_dd, ALIGN, CONTIGUOUS_D)
+    dv_base = head_base(DV + split_offset, batch, head, multiple_of(stride_db, ALIGN), multiple_of(stride_dh, ALIGN))
     store_tile(dk_base, dk, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
     store_tile(dv_base, dv, keys, M, stride_dm, dims, HEAD_DIM, stride_dd)
 
 
-# --------------------------------------------------------------------------- dK/dV partials and head-dim blocks
+# --------------------------------------------------------------------------- launch configurations
+
+
+def tile(query_rows: int, key_rows: int, num_warps: int, num_stages: int) -> Tile:
+    """An attention kernel's launch config: BLOCK_N query rows and BLOCK_M key rows a tile."""
+    return Tile.of(BLOCK_N=query_rows, BLOCK_M=key_rows, num_warps=num_warps, num_stages=num_stages)
 
 
 def block_d(head_dim: int) -> int:
     # tl.dot needs every tile side >= 16.
     return max(16, triton.next_power_of_2(head_dim))
+
+
+# --------------------------------------------------------------------------- dK/dV partials
 
 
 # Query splits of the dK/dV kernel. Each split writes one fp32 [M, d] partial of dK and

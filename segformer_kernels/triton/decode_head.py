@@ -6,7 +6,7 @@ resolution in token layout [B, h_i*w_i, D], and up = bilinear resize to the outp
 grid with align_corners=False.
 
 A program owns one batch element and BLOCK_P output pixels (and BLOCK_K classes).
-For each chunk of BLOCK_D channels it gathers the four bilinear taps of every stage
+For each chunk of BLOCK_C channels it gathers the four bilinear taps of every stage
 map (rows of D contiguous values in token layout), sums them in fp32 registers,
 applies the folded BatchNorm and ReLU there, and feeds the tile straight into a
 tensor-core dot with the classifier weight chunk. Neither the upsampled maps nor
@@ -20,6 +20,7 @@ path, which autograd differentiates).
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -28,12 +29,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .launch import INPUT_PRECISIONS, TRITON_DTYPES, kernel_launcher, kernel_signature, resolve_input_precision
-from ..compile_check import CompileTarget
+from ..compile_check import CompileTarget, Launch, build_targets
+from .launch import DTYPE_PRECISIONS, Tile, kernel_launcher, launch_tile, resolve_input_precision
 
-# ---------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -58,11 +57,11 @@ def _gather_plan(out_y, out_x, in_h, in_w, h_per_out, w_per_out, CHANNELS: tl.co
 
 
 @triton.jit
-def _interpolate(chunk_ptr, top_left, top_right, bottom_left, bottom_right, fx, fy, mask, BLOCK_D: tl.constexpr):
-    """[BLOCK_P, BLOCK_D] fp32 tile of one map resized to the output pixels.
+def _interpolate(chunk_ptr, top_left, top_right, bottom_left, bottom_right, fx, fy, mask, BLOCK_C: tl.constexpr):
+    """[BLOCK_P, BLOCK_C] fp32 tile of one map resized to the output pixels.
     ``chunk_ptr`` already points at the chunk's first channel, so the 2-D pointer
     tiles are formed inside the channel loop rather than hoisted out of it."""
-    channel = tl.arange(0, BLOCK_D)[None, :]
+    channel = tl.arange(0, BLOCK_C)[None, :]
     top_left = tl.load(chunk_ptr + top_left[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
     top_right = tl.load(chunk_ptr + top_right[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
     bottom_left = tl.load(chunk_ptr + bottom_left[:, None] + channel, mask=mask, other=0.0).to(tl.float32)
@@ -75,7 +74,7 @@ def _interpolate(chunk_ptr, top_left, top_right, bottom_left, bottom_right, fx, 
 
 
 @triton.jit
-def _decode_head_kernel(
+def _decode_head_forward_kernel(
     map1_ptr,
     map2_ptr,
     map3_ptr,
@@ -94,7 +93,7 @@ def _decode_head_kernel(
     NUM_MAPS: tl.constexpr,
     FIRST_AT_OUTPUT_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -128,21 +127,21 @@ def _decode_head_kernel(
         m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy = _gather_plan(out_y, out_x, h4, w4, h4_per_out, w4_per_out, CHANNELS)
 
     acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=tl.float32)
-    for start in range(0, CHANNELS, BLOCK_D):
-        channel = start + tl.arange(0, BLOCK_D)
+    for start in range(0, CHANNELS, BLOCK_C):
+        channel = start + tl.arange(0, BLOCK_C)
         channel_mask = channel < CHANNELS
         mask = pixel_mask[:, None] & channel_mask[None, :]
         if FIRST_AT_OUTPUT_SIZE:
-            fused = tl.load(map1_ptr + start + m1_tl[:, None] + tl.arange(0, BLOCK_D)[None, :], mask=mask, other=0.0)
+            fused = tl.load(map1_ptr + start + m1_tl[:, None] + tl.arange(0, BLOCK_C)[None, :], mask=mask, other=0.0)
             fused = fused.to(tl.float32)
         else:
-            fused = _interpolate(map1_ptr + start, m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy, mask, BLOCK_D)
+            fused = _interpolate(map1_ptr + start, m1_tl, m1_tr, m1_bl, m1_br, m1_fx, m1_fy, mask, BLOCK_C)
         if NUM_MAPS >= 2:
-            fused += _interpolate(map2_ptr + start, m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy, mask, BLOCK_D)
+            fused += _interpolate(map2_ptr + start, m2_tl, m2_tr, m2_bl, m2_br, m2_fx, m2_fy, mask, BLOCK_C)
         if NUM_MAPS >= 3:
-            fused += _interpolate(map3_ptr + start, m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy, mask, BLOCK_D)
+            fused += _interpolate(map3_ptr + start, m3_tl, m3_tr, m3_bl, m3_br, m3_fx, m3_fy, mask, BLOCK_C)
         if NUM_MAPS >= 4:
-            fused += _interpolate(map4_ptr + start, m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy, mask, BLOCK_D)
+            fused += _interpolate(map4_ptr + start, m4_tl, m4_tr, m4_bl, m4_br, m4_fx, m4_fy, mask, BLOCK_C)
         scale = tl.load(scale_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + channel, mask=channel_mask, other=0.0).to(tl.float32)
         activated = tl.maximum(fused * scale[None, :] + shift[None, :], 0.0)
@@ -160,9 +159,10 @@ def _decode_head_kernel(
     tl.store(out_ptr + klass[None, :] * pixels_out + pixel[:, None], logits.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# ---------------------------------------------------------------------------
-# Launch configuration and launcher
-# ---------------------------------------------------------------------------
+KERNELS = {"forward": _decode_head_forward_kernel}
+
+
+# --------------------------------------------------------------------------- launch configurations
 
 # tl.dot needs every dimension >= 16. Beyond 256 classes the grid splits the
 # classes (each class block re-gathers the features, mostly from L2).
@@ -170,9 +170,9 @@ _MIN_DOT = 16
 _MAX_BLOCK_K = 256
 _BLOCK_P = 64
 # Channels per step: the smallest dot depth. Every step keeps the thirteen gathered
-# [BLOCK_P, BLOCK_D] tiles in flight at once, so a deeper step costs registers
+# [BLOCK_P, BLOCK_C] tiles in flight at once, so a deeper step costs registers
 # (32 fp16 channels take ~220 registers per thread, 16 take ~130).
-_BLOCK_D = 16
+_BLOCK_C = 16
 # No software pipelining: it would stage every gathered tile in shared memory.
 _NUM_STAGES = 1
 _INT32_LIMIT = 2**31
@@ -181,25 +181,20 @@ _INT32_LIMIT = 2**31
 MAX_KERNEL_MAPS = 4
 
 
-def _block_config(classes: int) -> tuple[int, int, int, int]:
-    """(BLOCK_P, BLOCK_D, BLOCK_K, num_warps). Eight warps for wide class blocks keep
-    the [BLOCK_P, BLOCK_K] fp32 accumulator at <= 64 registers per thread."""
+def tile(classes: int) -> Tile:
+    """BLOCK_P output pixels, BLOCK_C channels a step, BLOCK_K classes. Eight warps for
+    wide class blocks keep the [BLOCK_P, BLOCK_K] fp32 accumulator at <= 64 registers
+    per thread."""
     block_k = min(max(_MIN_DOT, triton.next_power_of_2(classes)), _MAX_BLOCK_K)
-    return _BLOCK_P, _BLOCK_D, block_k, 4 if block_k <= 64 else 8
+    return Tile.of(BLOCK_P=_BLOCK_P, BLOCK_C=_BLOCK_C, BLOCK_K=block_k, num_warps=4 if block_k <= 64 else 8,
+                   num_stages=_NUM_STAGES)
 
 
-@torch.library.custom_op("segformer::decode_head", mutates_args=())
-@kernel_launcher
-def _decode_head_op(
-    maps: list[Tensor],
-    hws: list[int],
-    out_hw: list[int],
-    scale: Tensor,
-    shift: Tensor,
-    cls_weight: Tensor,
-    cls_bias: Tensor,
-    input_precision: str,
-) -> Tensor:
+# --------------------------------------------------------------------------- launchers
+
+
+def launch_forward(maps: list[Tensor], hws: list[int], out_hw: list[int], scale: Tensor, shift: Tensor,
+                   cls_weight: Tensor, cls_bias: Tensor, input_precision: str) -> Tensor:
     """Logits [B, K, H, W]; ``hws`` is the (h_i, w_i) of the 1-4 maps, flattened."""
     # The kernel indexes every tensor as contiguous; the model's maps (Linear
     # outputs) and parameters already are, so these copy nothing there.
@@ -223,21 +218,43 @@ def _decode_head_op(
     maps = maps + [maps[0]] * unused
     hws = list(hws) + [1, 1] * unused
     in_per_out = [hws[i] / out_hw[i % 2] for i in range(len(hws))]
-    block_p, block_d, block_k, num_warps = _block_config(classes)
-    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(classes, block_k), batch)
-    _decode_head_kernel[grid](
-        *maps, scale, shift, cls_weight, cls_bias, out,
-        *hws, *in_per_out, out_h, out_w, classes,
-        CHANNELS=channels, NUM_MAPS=num_maps, FIRST_AT_OUTPUT_SIZE=(hws[0], hws[1]) == (out_h, out_w),
-        BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_K=block_k, INPUT_PRECISION=input_precision,
-        num_warps=num_warps, num_stages=_NUM_STAGES,
-    )
+    config = tile(classes)
+    grid = (triton.cdiv(out_h * out_w, config["BLOCK_P"]), triton.cdiv(classes, config["BLOCK_K"]), batch)
+    constexprs = {
+        "CHANNELS": channels, "NUM_MAPS": num_maps, "FIRST_AT_OUTPUT_SIZE": (hws[0], hws[1]) == (out_h, out_w),
+        "INPUT_PRECISION": input_precision,
+    }
+    args = (*maps, scale, shift, cls_weight, cls_bias, out, *hws, *in_per_out, out_h, out_w, classes)
+    launch_tile(KERNELS["forward"], grid, args, constexprs, config)
     return out
+
+
+# --------------------------------------------------------------------------- autograd op
+# Inference only: a custom op (opaque to torch.compile) without a backward.
+
+
+@torch.library.custom_op("segformer::decode_head", mutates_args=())
+@kernel_launcher
+def _decode_head_op(
+    maps: list[Tensor],
+    hws: list[int],
+    out_hw: list[int],
+    scale: Tensor,
+    shift: Tensor,
+    cls_weight: Tensor,
+    cls_bias: Tensor,
+    input_precision: str,
+) -> Tensor:
+    """Logits [B, K, H, W]; ``hws`` is the (h_i, w_i) of the 1-4 maps, flattened."""
+    return launch_forward(maps, hws, out_hw, scale, shift, cls_weight, cls_bias, input_precision)
 
 
 @_decode_head_op.register_fake
 def _(maps, hws, out_hw, scale, shift, cls_weight, cls_bias, input_precision):
     return maps[0].new_empty((maps[0].shape[0], cls_weight.shape[0], out_hw[0], out_hw[1]))
+
+
+# --------------------------------------------------------------------------- public function
 
 
 def decode_head(
@@ -272,9 +289,7 @@ def decode_head(
     return _decode_head_op(list(maps), flat_hws, list(out_hw), scale, shift, cls_weight, cls_bias, input_precision)
 
 
-# ---------------------------------------------------------------------------
-# Static compile targets (python -m segformer_kernels.compile_check)
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- compile targets
 
 # Decoder widths (B0/B1: 256, B2-B5: 768) and class counts (Cityscapes 19, ADE20K 150).
 _MODEL_CHANNELS = (256, 768)
@@ -283,32 +298,15 @@ _MODEL_CLASSES = (19, 150)
 _RATIO_ARGUMENTS = tuple(f"{axis}{i}_per_out" for i in range(1, MAX_KERNEL_MAPS + 1) for axis in "hw")
 
 
-def compile_targets() -> list[CompileTarget]:
+def _launches():
     """Every (config, dtype) the launcher launches for the model's decoders: the
-    stage-1 map at the output size; fp32 dots in both precisions (resolve_input_precision
-    picks "ieee" under torch's default float32 matmul precision)."""
-    targets = []
-    for channels in _MODEL_CHANNELS:
-        for classes in _MODEL_CLASSES:
-            for dtype, ty in TRITON_DTYPES.items():
-                for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
-                    block_p, block_d, block_k, num_warps = _block_config(classes)
-                    constexprs = {
-                        "CHANNELS": channels, "NUM_MAPS": MAX_KERNEL_MAPS, "FIRST_AT_OUTPUT_SIZE": True, "BLOCK_P": block_p,
-                        "BLOCK_D": block_d, "BLOCK_K": block_k, "INPUT_PRECISION": precision,
-                    }
-                    targets.append(
-                        CompileTarget(
-                            name="decode_head",
-                            kernel=_decode_head_kernel,
-                            signature=kernel_signature(
-                                _decode_head_kernel, dtype, fp32_pointers=("scale_ptr", "shift_ptr"),
-                                floats=_RATIO_ARGUMENTS,
-                            ),
-                            constexprs=constexprs,
-                            num_warps=num_warps,
-                            num_stages=_NUM_STAGES,
-                            config=f"D={channels} K={classes} {ty}" + (" ieee" if precision == "ieee" else ""),
-                        )
-                    )
-    return targets
+    stage-1 map at the output size; fp32 dots in both precisions."""
+    for channels, classes, (dtype, precision) in itertools.product(_MODEL_CHANNELS, _MODEL_CLASSES, DTYPE_PRECISIONS):
+        constexprs = {"CHANNELS": channels, "NUM_MAPS": MAX_KERNEL_MAPS, "FIRST_AT_OUTPUT_SIZE": True,
+                      "INPUT_PRECISION": precision}
+        yield Launch("forward", dtype, tile(classes), constexprs, shape=f"D={channels} K={classes}")
+
+
+def compile_targets() -> list[CompileTarget]:
+    return build_targets("decode_head", KERNELS, _launches(), fp32_pointers=("scale_ptr", "shift_ptr"),
+                         floats=_RATIO_ARGUMENTS)

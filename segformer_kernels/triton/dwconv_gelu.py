@@ -15,19 +15,21 @@ The weight and bias gradients are per-program fp32 partial sums, added up
 afterwards by one deterministic reduction (no atomics).
 
 The @triton.jit helpers (``token_grid_position``, ``dwconv3x3_tile``, ``gelu``,
-``gelu_grad``) and the transposed-conv launcher are shared with ``mix_ffn``, which
-computes the same conv + GELU inside its fc2 GEMM.
+``gelu_grad``) and the transposed-conv launcher (``launch_backward_dwconv``) are shared
+with ``mix_ffn``, which computes the same conv + GELU inside its fc2 GEMM.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import TRITON_DTYPES, alignment, kernel_launcher, kernel_signature, multiple_of
-from ..compile_check import CompileTarget
+from ..compile_check import CompileTarget, Launch, build_targets
+from .launch import TRITON_DTYPES, Tile, alignment, kernel_launcher, launch_tile, multiple_of
 
 # Taps of the 3x3 stencil; the partial-sum buffer has one more row, for the bias gradient.
 TAPS = 9
@@ -35,6 +37,8 @@ _TAPS = tl.constexpr(TAPS)
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -152,7 +156,7 @@ def _dwconv_gelu_forward_kernel(
 
 
 @triton.jit
-def _gelu_input_grad_kernel(
+def _dwconv_gelu_backward_dpre_kernel(
     x_ptr, weight_ptr, bias_ptr, grad_ptr, dpre_ptr,
     num_tokens, height, width, num_channels,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
@@ -165,7 +169,7 @@ def _gelu_input_grad_kernel(
 
 
 @triton.jit
-def _dwconv_transpose_kernel(
+def _dwconv_gelu_backward_dwconv_kernel(
     dpre_ptr, src_ptr, weight_ptr, dsrc_ptr, partial_ptr,
     num_tokens, height, width, num_channels,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
@@ -214,16 +218,23 @@ def _dwconv_transpose_kernel(
              mask=(partial_rows[:, None] <= _TAPS) & channel_mask[None, :])
 
 
-# ---------------------------------------------------------------------------- launchers
-# They take tokens flattened to contiguous [B * H * W, C] matrices.
+KERNELS = {
+    "forward": _dwconv_gelu_forward_kernel,
+    "backward_dpre": _dwconv_gelu_backward_dpre_kernel,
+    "backward_dwconv": _dwconv_gelu_backward_dwconv_kernel,
+}
 
-def stencil_config(num_channels: int) -> dict[str, int]:
+
+# --------------------------------------------------------------------------- launch configurations
+
+
+def stencil_tile(num_channels: int) -> Tile:
     """Tile of the stencil kernels: up to 64 contiguous channels (128 B in 16-bit) and
     enough tokens for 2048 elements per program (16 per thread), so narrow C still
     fills a tile. Each element has nine neighbour loads in flight, which is what the
     registers must hold: larger tiles spill."""
     block_c = min(64, triton.next_power_of_2(num_channels))
-    return {"BLOCK_T": min(256, 2048 // block_c), "BLOCK_C": block_c, "num_warps": 4}
+    return Tile.of(BLOCK_T=min(256, 2048 // block_c), BLOCK_C=block_c, num_warps=4, num_stages=2)
 
 
 # The transposed-conv kernel runs at most this many programs along the tokens (each
@@ -231,35 +242,38 @@ def stencil_config(num_channels: int) -> dict[str, int]:
 MAX_TOKEN_PROGRAMS = 512
 
 
-def _launch_stencil(kernel, tensors, height: int, width: int, config: dict[str, int],
-                    token_programs: int | None = None) -> None:
+# --------------------------------------------------------------------------- launchers
+# They take tokens flattened to contiguous [B * H * W, C] matrices.
+
+
+def _launch_stencil(kernel: str, tensors, height: int, width: int, token_programs: int | None = None) -> None:
     """Launch one stencil kernel over the [tokens, C] matrix tensors[0], by default one
     program per token tile."""
     num_tokens, num_channels = tensors[0].shape
+    tile = stencil_tile(num_channels)
     if token_programs is None:
-        token_programs = triton.cdiv(num_tokens, config["BLOCK_T"])
-    kernel[(token_programs, triton.cdiv(num_channels, config["BLOCK_C"]))](
-        *tensors, num_tokens, height, width, num_channels,
-        BLOCK_T=config["BLOCK_T"], BLOCK_C=config["BLOCK_C"], ALIGN=alignment(num_channels),
-        num_warps=config["num_warps"],
-    )
+        token_programs = triton.cdiv(num_tokens, tile["BLOCK_T"])
+    grid = (token_programs, triton.cdiv(num_channels, tile["BLOCK_C"]))
+    launch_tile(KERNELS[kernel], grid, (*tensors, num_tokens, height, width, num_channels),
+                {"ALIGN": alignment(num_channels)}, tile)
 
 
-def dwconv_gelu_forward(x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
+def launch_forward(x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
     """GELU(conv3x3(x) + bias) for x [B * H * W, C] contiguous."""
     y = torch.empty_like(x)
-    _launch_stencil(_dwconv_gelu_forward_kernel, (x, weight, bias, y), height, width, stencil_config(x.shape[1]))
+    _launch_stencil("forward", (x, weight, bias, y), height, width)
     return y
 
 
-def gelu_input_grad(grad: Tensor, x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
-    """dpre = grad * GELU'(conv3x3(x) + bias), in x's dtype."""
+def launch_backward_dpre(grad: Tensor, x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
+    """dpre = grad * GELU'(conv3x3(x) + bias), the gradient at the GELU input, in x's dtype."""
     dpre = torch.empty_like(x)
-    _launch_stencil(_gelu_input_grad_kernel, (x, weight, bias, grad, dpre), height, width, stencil_config(x.shape[1]))
+    _launch_stencil("backward_dpre", (x, weight, bias, grad, dpre), height, width)
     return dpre
 
 
-def dwconv_transpose(dpre: Tensor, src: Tensor, height: int, width: int, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def launch_backward_dwconv(dpre: Tensor, src: Tensor, height: int, width: int,
+                           weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of conv3x3(src) + bias given dpre, the gradient at its output:
     (dsrc [tokens, C], dweight [C, 1, 3, 3], dbias [C]).
 
@@ -267,24 +281,23 @@ def dwconv_transpose(dpre: Tensor, src: Tensor, height: int, width: int, weight:
     partial sums per program along the tokens, then one sum over those rows.
     """
     num_tokens, num_channels = dpre.shape
-    config = stencil_config(num_channels)
-    token_programs = min(triton.cdiv(num_tokens, config["BLOCK_T"]), MAX_TOKEN_PROGRAMS)
+    token_programs = min(triton.cdiv(num_tokens, stencil_tile(num_channels)["BLOCK_T"]), MAX_TOKEN_PROGRAMS)
     dsrc = torch.empty_like(src)
     partial = torch.empty((token_programs, TAPS + 1, num_channels), device=src.device, dtype=torch.float32)
-    _launch_stencil(_dwconv_transpose_kernel, (dpre, src, weight, dsrc, partial), height, width, config, token_programs)
+    _launch_stencil("backward_dwconv", (dpre, src, weight, dsrc, partial), height, width, token_programs)
     dweight = partial[:, :TAPS].sum(0).t().contiguous().view(num_channels, 1, 3, 3)
     dbias = partial[:, TAPS].sum(0)
     return dsrc, dweight.to(weight.dtype), dbias.to(weight.dtype)
 
 
-# ---------------------------------------------------------------------------- autograd op
+# --------------------------------------------------------------------------- autograd op
+
 
 @torch.library.custom_op("segformer::dwconv_gelu", mutates_args=())
 @kernel_launcher
 def _dwconv_gelu_op(x: Tensor, height: int, width: int, weight: Tensor, bias: Tensor) -> Tensor:
     batch, num_tokens, num_channels = x.shape
-    y = dwconv_gelu_forward(x.reshape(-1, num_channels).contiguous(), height, width,
-                            weight.contiguous(), bias.contiguous())
+    y = launch_forward(x.reshape(-1, num_channels).contiguous(), height, width, weight.contiguous(), bias.contiguous())
     return y.view(batch, num_tokens, num_channels)
 
 
@@ -301,8 +314,9 @@ def _dwconv_gelu_backward_op(
     num_channels = x.shape[2]
     x2d = x.reshape(-1, num_channels).contiguous()
     weight = weight.contiguous()
-    dpre = gelu_input_grad(grad.reshape(-1, num_channels).contiguous(), x2d, height, width, weight, bias.contiguous())
-    dx, dweight, dbias = dwconv_transpose(dpre, x2d, height, width, weight)
+    dpre = launch_backward_dpre(grad.reshape(-1, num_channels).contiguous(), x2d, height, width, weight,
+                                bias.contiguous())
+    dx, dweight, dbias = launch_backward_dwconv(dpre, x2d, height, width, weight)
     return dx.view(x.shape), dweight, dbias
 
 
@@ -323,11 +337,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad):
     x, weight, bias = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.segformer.dwconv_gelu_backward(grad, x, *ctx.grid, weight, bias)
+    dx, dweight, dbias = _dwconv_gelu_backward_op(grad, x, *ctx.grid, weight, bias)
     return dx, None, None, dweight, dbias
 
 
 _dwconv_gelu_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
 
 
 def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) -> Tensor:
@@ -338,35 +355,17 @@ def dwconv_gelu(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor) ->
     return _dwconv_gelu_op(x, hw[0], hw[1], weight, bias)
 
 
-# ---------------------------------------------------------------------------- static compile targets
+# --------------------------------------------------------------------------- compile targets
 
 # Channel widths the model runs the conv on: the Mix-FFN hidden width 4C of every variant.
 HIDDEN_WIDTHS = (128, 256, 512, 640, 1024, 1280, 2048)
 
-def compile_targets() -> list[CompileTarget]:
+
+def _launches():
     """Every (kernel, config, dtype) the launchers above launch for the model's widths."""
-    kernels = {
-        "dwconv_gelu_forward": _dwconv_gelu_forward_kernel,
-        "gelu_input_grad": _gelu_input_grad_kernel,
-        "dwconv_transpose": _dwconv_transpose_kernel,
-    }
-    widths_of_config: dict[tuple, list[int]] = {}
-    for width in HIDDEN_WIDTHS:
-        key = (*stencil_config(width).items(), ("ALIGN", alignment(width)))
-        widths_of_config.setdefault(key, []).append(width)
-    targets = []
-    for config_items, widths in widths_of_config.items():
-        config = dict(config_items)
-        constexprs = {k: v for k, v in config.items() if k != "num_warps"}
-        for dtype, dtype_name in TRITON_DTYPES.items():
-            for name, kernel in kernels.items():
-                targets.append(CompileTarget(
-                    name=f"{name} {dtype_name}",
-                    kernel=kernel,
-                    signature=kernel_signature(kernel, dtype, fp32_pointers={"partial_ptr"}),
-                    constexprs=constexprs,
-                    num_warps=config["num_warps"],
-                    config=" ".join(f"{k}={v}" for k, v in constexprs.items())
-                    + f" warps={config['num_warps']} C={widths}",
-                ))
-    return targets
+    for width, dtype, kernel in itertools.product(HIDDEN_WIDTHS, TRITON_DTYPES, KERNELS):
+        yield Launch(kernel, dtype, stencil_tile(width), {"ALIGN": alignment(width)}, shape=f"C={width}")
+
+
+def compile_targets() -> list[CompileTarget]:
+    return build_targets("dwconv_gelu", KERNELS, _launches(), fp32_pointers={"partial_ptr"})

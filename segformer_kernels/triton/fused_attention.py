@@ -12,7 +12,7 @@ forward moves 4C bytes (16-bit: x in, y out) where q_proj + core + o_proj move 1
 
 Training saves o and the row log-sum-exp (as the plain core does) and nothing else:
     dO_h  = dY Wo[:, head]                   recomputed per query tile
-    dQ_h  = scale * sum_j dS_j K_j             (attention.attention_dq)
+    dQ_h  = scale * sum_j dS_j K_j             (attention_core.attention_dq)
     dX    = sum_h dQ_h Wq[head]                in the same program (after the key
                                                loops, from the dQ tiles it stored), then
     dWq   = dQ^T X,  dWo = dY^T O              two cuBLAS GEMMs over all tokens
@@ -45,35 +45,11 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from ..compile_check import CompileTarget
+from ..compile_check import CompileTarget, Launch, build_targets
+from . import attention_core as core
 from .attention import SCALE_ARGUMENTS, efficient_attention
-from .attention_core import (
-    LOG2E,
-    LOG2E_IN_KERNEL,
-    accumulate_dkdv,
-    attend,
-    attention_dq,
-    block_d,
-    head_base,
-    hinted_strides,
-    key_block_split_and_head,
-    key_gradient_partials,
-    load_tile,
-    query_block_and_head,
-    store_key_partials,
-    store_tile,
-    sum_key_partials,
-)
 from .launch import (
-    INPUT_PRECISIONS,
-    TRITON_DTYPES,
-    Tile,
-    alignment,
-    kernel_launcher,
-    kernel_signature,
-    launch_configs,
-    launch_tiled,
-    multiple_of,
+    DTYPE_PRECISIONS, Tile, alignment, kernel_launcher, launch_configs, launch_tiled, multiple_of,
     resolve_input_precision,
 )
 
@@ -87,7 +63,7 @@ MAX_FP32_CHANNELS = 64
 @triton.jit
 def _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM: tl.constexpr):
     """Wq[head]^T as a [BLOCK_C, BLOCK_D] tile and bq[head] as fp32 [BLOCK_D]."""
-    w_t = load_tile(WQ + head * HEAD_DIM * C, chans, C, 1, dims, HEAD_DIM, C)
+    w_t = core.load_tile(WQ + head * HEAD_DIM * C, chans, C, 1, dims, HEAD_DIM, C)
     bias = tl.load(BQ + head * HEAD_DIM + dims, mask=dims < HEAD_DIM, other=0.0).to(tl.float32)
     return w_t, bias
 
@@ -104,16 +80,18 @@ def _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION: tl.constexpr):
 @triton.jit
 def _output_weight(WO, head, C, chans, dims, HEAD_DIM: tl.constexpr):
     """Wo[:, head] as a [BLOCK_C, BLOCK_D] tile."""
-    return load_tile(WO + head * HEAD_DIM, chans, C, C, dims, HEAD_DIM, 1)
+    return core.load_tile(WO + head * HEAD_DIM, chans, C, C, dims, HEAD_DIM, 1)
 
 
 @triton.jit
-def _query_tile(N, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A per-query-tile program's batch, token rows, channel and head-dim ranges, and the
-    offset of its batch's [N, C] tokens (1-D grid, query blocks fastest)."""
-    pid_n, batch = query_block_and_head(N, BLOCK_N)
+def _query_tile(N, C, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A per-query-tile program's batch, token rows, channel and head-dim ranges, the
+    offset of its batch's [N, C] tokens (1-D grid, query blocks fastest), and C as a
+    multiple of ALIGN (the launcher checked it is one)."""
+    C = multiple_of(C, ALIGN)
+    pid_n, batch = core.query_block_and_head(N, BLOCK_N)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return batch, rows, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D), batch.to(tl.int64) * N * C
+    return batch, rows, tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_D), batch.to(tl.int64) * N * C, C
 
 
 @triton.jit
@@ -129,33 +107,28 @@ def _fused_attention_forward_kernel(
 ):
     """One program per (query block, batch), all heads. X, Y, O are contiguous
     ([B, N, C]; O as [B, N, h, d]); qk_scale = scale * log2(e)."""
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    C = multiple_of(C, ALIGN)
-    batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
+    batch, rows, chans, dims, tokens, C = _query_tile(N, C, ALIGN, BLOCK_N, BLOCK_C, BLOCK_D)
 
-    x = load_tile(X + tokens, rows, N, C, chans, C, 1)
+    x = core.load_tile(X + tokens, rows, N, C, chans, C, 1)
     acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
         q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
-        k_base = head_base(K, batch, head, stride_kb, stride_kh)
-        v_base = head_base(V, batch, head, stride_vb, stride_vh)
-        out, lse = attend(q, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd, M, qk_scale, dims,
-                           HEAD_DIM, BLOCK_M, INPUT_PRECISION)
+        k_base, k_token_stride, k_dim_stride = core.head_view(K, batch, head, stride_kb, stride_km, stride_kh,
+                                                              stride_kd, ALIGN, CONTIGUOUS_D)
+        v_base, v_token_stride, v_dim_stride = core.head_view(V, batch, head, stride_vb, stride_vm, stride_vh,
+                                                              stride_vd, ALIGN, CONTIGUOUS_D)
+        out, lse = core.attend(q, k_base, v_base, k_token_stride, k_dim_stride, v_token_stride, v_dim_stride, M,
+                               qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
         # o reaches o_proj in the input dtype, as the unfused core writes it
         out = out.to(x.dtype)
         if SAVE_FOR_BACKWARD:
-            store_tile(O + tokens + head * HEAD_DIM, out, rows, N, C, dims, HEAD_DIM, 1)
+            core.store_tile(O + tokens + head * HEAD_DIM, out, rows, N, C, dims, HEAD_DIM, 1)
             tl.store(LSE + tl.cast(batch * heads + head, tl.int64) * N + rows, lse, mask=rows < N)
         w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
         acc = tl.dot(out, tl.trans(w_o), acc, input_precision=INPUT_PRECISION)
     acc += tl.load(BO + chans, mask=chans < C, other=0.0).to(tl.float32)[None, :]
-    store_tile(Y + tokens, acc, rows, N, C, chans, C, 1)
+    core.store_tile(Y + tokens, acc, rows, N, C, chans, C, 1)
 
 
 @triton.jit
@@ -172,35 +145,31 @@ def _fused_attention_backward_dx_kernel(
     rowsum(dO * O) (stored for the dK/dV kernel), dQ (stored for the dWq GEMM) and its
     share of dX; then dX, and this program's column sums of dQ and dY into row
     ``program`` of the fp32 bias-gradient partials DBQ and DBO [programs, C]."""
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    C = multiple_of(C, ALIGN)
-    batch, rows, chans, dims, tokens = _query_tile(N, C, BLOCK_N, BLOCK_C, BLOCK_D)
+    batch, rows, chans, dims, tokens, C = _query_tile(N, C, ALIGN, BLOCK_N, BLOCK_C, BLOCK_D)
     partials = tl.program_id(0).to(tl.int64) * C
 
     # x, dY and the weights are loaded where needed (L1/L2 hits) rather than held in
     # registers across the key loop.
     for head in range(heads):
         w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
-        q = _project_queries(load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
-        dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
+        q = _project_queries(core.load_tile(X + tokens, rows, N, C, chans, C, 1), w_t, bias, rows, N, INPUT_PRECISION)
+        dy = core.load_tile(DY + tokens, rows, N, C, chans, C, 1)
         do = tl.dot(dy, _output_weight(WO, head, C, chans, dims, HEAD_DIM), input_precision=INPUT_PRECISION)
         do = do.to(dy.dtype)
-        o = load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
+        o = core.load_tile(O + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         stats = tl.cast(batch * heads + head, tl.int64) * N + rows
         tl.store(DELTA + stats, delta, mask=rows < N)
-        lse2 = tl.load(LSE + stats, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
-        k_base = head_base(K, batch, head, stride_kb, stride_kh)
-        v_base = head_base(V, batch, head, stride_vb, stride_vh)
+        lse2 = tl.load(LSE + stats, mask=rows < N, other=0.0) * core.LOG2E_IN_KERNEL
+        k_base, k_token_stride, k_dim_stride = core.head_view(K, batch, head, stride_kb, stride_km, stride_kh,
+                                                              stride_kd, ALIGN, CONTIGUOUS_D)
+        v_base, v_token_stride, v_dim_stride = core.head_view(V, batch, head, stride_vb, stride_vm, stride_vh,
+                                                              stride_vd, ALIGN, CONTIGUOUS_D)
         # Rows past N have q = 0, lse = 0 and dO = 0, so their dQ is exactly zero.
-        dq = scale * attention_dq(q, do, delta, lse2, k_base, v_base, stride_km, stride_kd, stride_vm, stride_vd,
-                                   M, qk_scale, dims, HEAD_DIM, BLOCK_M, INPUT_PRECISION)
-        store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
+        dq = scale * core.attention_dq(q, do, delta, lse2, k_base, v_base, k_token_stride, k_dim_stride,
+                                       v_token_stride, v_dim_stride, M, qk_scale, dims, HEAD_DIM, BLOCK_M,
+                                       INPUT_PRECISION)
+        core.store_tile(DQ + tokens + head * HEAD_DIM, dq, rows, N, C, dims, HEAD_DIM, 1)
         tl.store(DBQ + partials + head * HEAD_DIM + dims, tl.sum(dq, 0), mask=dims < HEAD_DIM)
     # dX = sum_h dQ_h Wq[head], from the dQ tiles just stored (in the input dtype, as the
     # dX GEMM would read them; L1/L2 hits) rather than from a [BLOCK_N, BLOCK_C] fp32
@@ -209,11 +178,11 @@ def _fused_attention_backward_dx_kernel(
     tl.debug_barrier()
     dx = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for head in range(heads):
-        dq = load_tile(DQ + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
-        w_q = load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
+        dq = core.load_tile(DQ + tokens + head * HEAD_DIM, rows, N, C, dims, HEAD_DIM, 1)
+        w_q = core.load_tile(WQ + head * HEAD_DIM * C, dims, HEAD_DIM, C, chans, C, 1)  # Wq[head], [BLOCK_D, BLOCK_C]
         dx = tl.dot(dq, w_q, dx, input_precision=INPUT_PRECISION)
-    store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
-    dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
+    core.store_tile(DX + tokens, dx, rows, N, C, chans, C, 1)
+    dy = core.load_tile(DY + tokens, rows, N, C, chans, C, 1)
     tl.store(DBO + partials + chans, tl.sum(dy.to(tl.float32), 0), mask=chans < C)
 
 
@@ -230,64 +199,48 @@ def _fused_attention_backward_dkdv_kernel(
 ):
     """attention's dK/dV program (key block, query split, batch*head), with each query
     tile's q and dO recomputed from x and dY instead of read."""
-    stride_kb, stride_km, stride_kh, stride_kd = hinted_strides(
-        stride_kb, stride_km, stride_kh, stride_kd, ALIGN, CONTIGUOUS_D
-    )
-    stride_vb, stride_vm, stride_vh, stride_vd = hinted_strides(
-        stride_vb, stride_vm, stride_vh, stride_vd, ALIGN, CONTIGUOUS_D
-    )
-    stride_ds = multiple_of(stride_ds, ALIGN)
-    stride_db, stride_dm, stride_dh, stride_dd = hinted_strides(
-        stride_db, stride_dm, stride_dh, stride_dd, ALIGN, CONTIGUOUS_D
-    )
+    split, pid_bh, batch, head, keys, dims = core.key_program(N, M, heads, rows_per_split, BLOCK_M, BLOCK_D)
     C = multiple_of(C, ALIGN)
-    pid_m, split, pid_bh = key_block_split_and_head(N, M, rows_per_split, BLOCK_M)
-    batch = pid_bh // heads
-    head = pid_bh % heads
-    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     chans = tl.arange(0, BLOCK_C)
-    dims = tl.arange(0, BLOCK_D)
     row_range = tl.arange(0, BLOCK_N)
     tokens = batch.to(tl.int64) * N * C
     stats_base = pid_bh.to(tl.int64) * N
 
-    k = load_tile(head_base(K, batch, head, stride_kb, stride_kh), keys, M, stride_km, dims, HEAD_DIM, stride_kd)
-    v = load_tile(head_base(V, batch, head, stride_vb, stride_vh), keys, M, stride_vm, dims, HEAD_DIM, stride_vd)
+    k = core.load_head_rows(K, batch, head, stride_kb, stride_km, stride_kh, stride_kd, keys, M, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
+    v = core.load_head_rows(V, batch, head, stride_vb, stride_vm, stride_vh, stride_vd, keys, M, dims,
+                            HEAD_DIM, ALIGN, CONTIGUOUS_D)
     w_t, bias = _query_weight(WQ, BQ, head, C, chans, dims, HEAD_DIM)
     w_o = _output_weight(WO, head, C, chans, dims, HEAD_DIM)
 
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, N)
+    row_start, row_end = core.split_rows(split, rows_per_split, N)
     # Rows past N: q = 0 (see _project_queries), dO = 0, lse = delta = 0, so they add
     # nothing (as in attention's dK/dV kernel).
     for start_n in range(row_start, row_end, BLOCK_N):
         rows = start_n + row_range
-        x = load_tile(X + tokens, rows, N, C, chans, C, 1)
+        x = core.load_tile(X + tokens, rows, N, C, chans, C, 1)
         q = _project_queries(x, w_t, bias, rows, N, INPUT_PRECISION)
-        dy = load_tile(DY + tokens, rows, N, C, chans, C, 1)
+        dy = core.load_tile(DY + tokens, rows, N, C, chans, C, 1)
         do = tl.dot(dy, w_o, input_precision=INPUT_PRECISION).to(dy.dtype)
-        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * LOG2E_IN_KERNEL
+        lse2 = tl.load(LSE + stats_base + rows, mask=rows < N, other=0.0) * core.LOG2E_IN_KERNEL
         delta = tl.load(DELTA + stats_base + rows, mask=rows < N, other=0.0)
-        dk, dv = accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
+        dk, dv = core.accumulate_dkdv(k, v, tl.trans(q), do, lse2, delta, dk, dv, qk_scale, INPUT_PRECISION)
 
-    store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
-                        stride_dd, keys, M, dims, HEAD_DIM)
+    core.store_key_partials(DK, DV, dk * scale, dv, split, batch, head, stride_ds, stride_db, stride_dm, stride_dh,
+                            stride_dd, keys, M, dims, HEAD_DIM, ALIGN, CONTIGUOUS_D)
 
 
-KERNELS = {
-    "forward": _fused_attention_forward_kernel,
-    "backward_dx": _fused_attention_backward_dx_kernel,
-    "backward_dkdv": _fused_attention_backward_dkdv_kernel,
-}
+KERNELS = {"forward": _fused_attention_forward_kernel, "backward_dx": _fused_attention_backward_dx_kernel,
+           "backward_dkdv": _fused_attention_backward_dkdv_kernel}
 
 
 # --------------------------------------------------------------------------- launch configurations
 
 # Every table maps a kernel to {(BLOCK_C, BLOCK_D): autotune candidates}; a shape takes
 # the set of the smallest listed shape that covers it (so a set listed only under
-# (128, 64) serves every stage). Tile(query rows, key rows, warps, stages). Every
+# (128, 64) serves every stage). core.tile(query rows, key rows, warps, stages). Every
 # candidate listed for a stage shape compiles with zero spills for sm_80 and sm_90 under
 # triton 3.6 and 3.9 (compile_targets() lists them), except where a comment says no tile
 # can. ptxas's register use is far from monotonic in the tile size (it also trades
@@ -301,22 +254,22 @@ KERNELS = {
 # dK/dV wants 64+ key rows for HGMMA.
 HALF_TILES = {
     "forward": {
-        (32, 32): (Tile(128, 64, 8, 2), Tile(64, 64, 8, 2), Tile(64, 32, 4, 2)),
-        (64, 64): (Tile(64, 32, 4, 2), Tile(128, 32, 8, 2), Tile(64, 32, 8, 2)),
-        (64, 32): (Tile(128, 64, 8, 2), Tile(64, 64, 4, 2), Tile(128, 32, 8, 2)),
-        (128, 64): (Tile(64, 16, 8, 2), Tile(32, 64, 8, 2), Tile(32, 32, 4, 2)),
+        (32, 32): (core.tile(128, 64, 8, 2), core.tile(64, 64, 8, 2), core.tile(64, 32, 4, 2)),
+        (64, 64): (core.tile(64, 32, 4, 2), core.tile(128, 32, 8, 2), core.tile(64, 32, 8, 2)),
+        (64, 32): (core.tile(128, 64, 8, 2), core.tile(64, 64, 4, 2), core.tile(128, 32, 8, 2)),
+        (128, 64): (core.tile(64, 16, 8, 2), core.tile(32, 64, 8, 2), core.tile(32, 32, 4, 2)),
     },
     "backward_dx": {
-        (32, 32): (Tile(64, 32, 4, 2), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2)),
-        (64, 64): (Tile(64, 32, 8, 2), Tile(32, 32, 8, 2), Tile(32, 64, 8, 2)),
-        (64, 32): (Tile(64, 32, 4, 2), Tile(64, 32, 8, 2), Tile(64, 16, 8, 2)),
-        (128, 64): (Tile(32, 32, 8, 1), Tile(32, 64, 8, 1)),
+        (32, 32): (core.tile(64, 32, 4, 2), core.tile(64, 64, 8, 2), core.tile(128, 32, 8, 2)),
+        (64, 64): (core.tile(64, 32, 8, 2), core.tile(32, 32, 8, 2), core.tile(32, 64, 8, 2)),
+        (64, 32): (core.tile(64, 32, 4, 2), core.tile(64, 32, 8, 2), core.tile(64, 16, 8, 2)),
+        (128, 64): (core.tile(32, 32, 8, 1), core.tile(32, 64, 8, 1)),
     },
     "backward_dkdv": {
-        (32, 32): (Tile(64, 64, 4, 2), Tile(64, 128, 8, 2), Tile(32, 64, 4, 2)),
-        (64, 64): (Tile(32, 64, 4, 2), Tile(32, 128, 8, 2), Tile(32, 64, 8, 3)),
-        (64, 32): (Tile(64, 64, 4, 2), Tile(64, 128, 8, 2), Tile(64, 64, 8, 2)),
-        (128, 64): (Tile(32, 64, 8, 2), Tile(16, 64, 4, 2), Tile(32, 32, 4, 2)),
+        (32, 32): (core.tile(64, 64, 4, 2), core.tile(64, 128, 8, 2), core.tile(32, 64, 4, 2)),
+        (64, 64): (core.tile(32, 64, 4, 2), core.tile(32, 128, 8, 2), core.tile(32, 64, 8, 3)),
+        (64, 32): (core.tile(64, 64, 4, 2), core.tile(64, 128, 8, 2), core.tile(64, 64, 8, 2)),
+        (128, 64): (core.tile(32, 64, 8, 2), core.tile(16, 64, 4, 2), core.tile(32, 32, 4, 2)),
     },
 }
 # fp32 (up to MAX_FP32_CHANNELS, see fused_kernels_run): one config per kernel and dot
@@ -325,14 +278,14 @@ HALF_TILES = {
 # tests' path), and an FMA tl.dot holds each thread's rows and columns of both operands
 # over the whole reduction, so the C-long projections need the smallest tiles.
 TF32_TILES = {
-    "forward": {(64, 64): (Tile(32, 32, 8, 2),)},
-    "backward_dx": {(64, 64): (Tile(16, 32, 8, 2),)},
-    "backward_dkdv": {(64, 64): (Tile(32, 32, 8, 2),)},
+    "forward": {(64, 64): (core.tile(32, 32, 8, 2),)},
+    "backward_dx": {(64, 64): (core.tile(16, 32, 8, 2),)},
+    "backward_dkdv": {(64, 64): (core.tile(32, 32, 8, 2),)},
 }
 IEEE_TILES = {
-    "forward": {(64, 64): (Tile(16, 16, 8, 2),)},
-    "backward_dx": {(64, 64): (Tile(16, 32, 8, 1),)},
-    "backward_dkdv": {(64, 64): (Tile(16, 16, 8, 1),)},
+    "forward": {(64, 64): (core.tile(16, 16, 8, 2),)},
+    "backward_dx": {(64, 64): (core.tile(16, 32, 8, 1),)},
+    "backward_dkdv": {(64, 64): (core.tile(16, 16, 8, 1),)},
 }
 
 
@@ -346,7 +299,7 @@ def tiles(kernel: str, channels: int, head_dim: int, dtype: torch.dtype, input_p
         table = (IEEE_TILES if input_precision == "ieee" else TF32_TILES)[kernel]
     else:
         table = HALF_TILES[kernel]
-    shape = (_block_c(channels), block_d(head_dim))
+    shape = (_block_c(channels), core.block_d(head_dim))
     larger = [s for s in table if s[0] >= shape[0] and s[1] >= shape[1]]
     return table[min(larger) if larger else max(table)]
 
@@ -371,9 +324,12 @@ def _aligned(t: Tensor) -> bool:
 def _constexprs(x: Tensor, k: Tensor, input_precision: str) -> dict[str, object]:
     channels, head_dim = x.shape[-1], k.shape[-1]
     return {
-        "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
+        "HEAD_DIM": head_dim, "BLOCK_D": core.block_d(head_dim), "BLOCK_C": _block_c(channels),
         "INPUT_PRECISION": input_precision, "ALIGN": 16, "CONTIGUOUS_D": True,
     }
+
+
+# --------------------------------------------------------------------------- launchers
 
 
 def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor, m: int, reset_to_zero: tuple[str, ...] = ()) -> None:
@@ -384,9 +340,6 @@ def _launch(kernel: str, grid, args, constexprs: dict, x: Tensor, m: int, reset_
 
 def _configs(kernel: str, constexprs: dict, x: Tensor) -> tuple[Tile, ...]:
     return launch_configs(tiles(kernel, x.shape[-1], constexprs["HEAD_DIM"], x.dtype, constexprs["INPUT_PRECISION"]))
-
-
-# --------------------------------------------------------------------------- launchers
 
 
 def _query_grid(n: int, batch: int):
@@ -412,7 +365,7 @@ def launch_forward(
         lse = x.new_empty(0, dtype=torch.float32)
     args = (
         x, q_weight.contiguous(), q_bias, k, v, out_weight.contiguous(), out_bias, y, out, lse,
-        *k.stride(), *v.stride(), n, m, channels, heads, scale * LOG2E,
+        *k.stride(), *v.stride(), n, m, channels, heads, scale * core.LOG2E,
     )
     constexprs = {**_constexprs(x, k, input_precision), "SAVE_FOR_BACKWARD": save_for_backward}
     _launch("forward", _query_grid(n, batch), args, constexprs, x, m)
@@ -436,16 +389,16 @@ def launch_backward(
     # zeroes them again before each candidate's benchmark run and before the winner's
     # run (reset_to_zero): a benchmark run of a smaller tile fills rows that the winner
     # does not write.
-    programs = triton.cdiv(n, min(t.block_n for t in _configs("backward_dx", constexprs, x))) * batch
+    programs = triton.cdiv(n, min(t["BLOCK_N"] for t in _configs("backward_dx", constexprs, x))) * batch
     partial_q_bias = torch.zeros((programs, channels), dtype=torch.float32, device=x.device)
     partial_out_bias = torch.zeros_like(partial_q_bias)
     dx_args = (
         x, q_weight, q_bias, k, v, out_weight, out, grad_y, lse, delta, grad_q, grad_x,
-        partial_q_bias, partial_out_bias, *k.stride(), *v.stride(), n, m, channels, heads, scale, scale * LOG2E,
+        partial_q_bias, partial_out_bias, *k.stride(), *v.stride(), n, m, channels, heads, scale, scale * core.LOG2E,
     )
     _launch("backward_dx", _query_grid(n, batch), dx_args, constexprs, x, m, reset_to_zero=("DBQ", "DBO"))
 
-    rows_per_split, partial_k, partial_v = key_gradient_partials(k, n)
+    rows_per_split, partial_k, partial_v = core.key_gradient_partials(k, n)
     splits = partial_k.shape[0]
 
     def dkdv_grid(meta):
@@ -453,10 +406,10 @@ def launch_backward(
 
     dkdv_args = (
         x, q_weight, q_bias, k, v, out_weight, grad_y, lse, delta, partial_k, partial_v,
-        *k.stride(), *v.stride(), *partial_k.stride(), n, m, channels, heads, rows_per_split, scale, scale * LOG2E,
+        *k.stride(), *v.stride(), *partial_k.stride(), n, m, channels, heads, rows_per_split, scale, scale * core.LOG2E,
     )
     _launch("backward_dkdv", dkdv_grid, dkdv_args, constexprs, x, m)
-    grad_k, grad_v = sum_key_partials(partial_k, partial_v, k.dtype)
+    grad_k, grad_v = core.sum_key_partials(partial_k, partial_v, k.dtype)
 
     tokens_x, tokens_dq = x.reshape(-1, channels), grad_q.reshape(-1, channels)
     grad_q_weight = tokens_dq.t() @ tokens_x
@@ -464,51 +417,6 @@ def launch_backward(
     grad_q_bias = partial_q_bias.sum(0).to(q_bias.dtype)
     grad_out_bias = partial_out_bias.sum(0).to(q_bias.dtype)
     return grad_x, grad_q_weight, grad_q_bias, grad_k, grad_v, grad_out_weight, grad_out_bias
-
-
-# --------------------------------------------------------------------------- compile targets
-
-_TENSOR_POINTERS = {"X", "WQ", "BQ", "K", "V", "WO", "BO", "Y", "O", "DY", "DQ", "DX", "DK", "DV"}
-_STAT_POINTERS = {"LSE", "DELTA", "DBQ", "DBO"}  # fp32 row statistics and bias-gradient partials
-# (C, heads) of stages 1-2 of every variant: B0 32/1 and 64/2, B1-B5 64/1 and 128/2.
-STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
-
-
-def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype, stage shape, dot precision) the launcher can launch
-    on a GPU; the forward with and without the saved outputs, dK/dV also with fp32
-    partial buffers for 16-bit inputs."""
-    targets = []
-    for (dtype, element), (channels, heads) in itertools.product(TRITON_DTYPES.items(), STAGE_SHAPES):
-        head_dim = channels // heads
-        if not fused_kernels_run(channels, head_dim, dtype):
-            continue
-        precisions = INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",)
-        for kernel_name, precision in itertools.product(KERNELS, precisions):
-            variants = {"forward": ((), ("saved",)), "backward_dkdv": ((),) + ((("partials",),) if dtype != torch.float32 else ())}
-            for tile, variant in itertools.product(
-                tiles(kernel_name, channels, head_dim, dtype, precision), variants.get(kernel_name, ((),))
-            ):
-                constexprs = {
-                    "HEAD_DIM": head_dim, "BLOCK_D": block_d(head_dim), "BLOCK_C": _block_c(channels),
-                    "BLOCK_N": tile.block_n, "BLOCK_M": tile.block_m, "INPUT_PRECISION": precision,
-                    "ALIGN": 16, "CONTIGUOUS_D": True,
-                }
-                if kernel_name == "forward":
-                    constexprs["SAVE_FOR_BACKWARD"] = "saved" in variant
-                fp32_pointers = _STAT_POINTERS | ({"DK", "DV"} if "partials" in variant else set())
-                targets.append(CompileTarget(
-                    name=f"fused_attention_{kernel_name}",
-                    kernel=KERNELS[kernel_name],
-                    signature=kernel_signature(KERNELS[kernel_name], dtype, pointers=_TENSOR_POINTERS,
-                                               fp32_pointers=fp32_pointers, floats=SCALE_ARGUMENTS),
-                    constexprs=constexprs,
-                    num_warps=tile.num_warps,
-                    num_stages=tile.num_stages,
-                    config=f"{element} C={channels} h={heads} N{tile.block_n} M{tile.block_m} w{tile.num_warps} "
-                    f"s{tile.num_stages} {precision}" + "".join(f" {v}" for v in variant),
-                ))
-    return targets
 
 
 # --------------------------------------------------------------------------- autograd op
@@ -598,3 +506,37 @@ def fused_attention(
     save_for_backward = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     y, _, _ = _fused_attention_op(*inputs, scale, input_precision, save_for_backward)
     return y
+
+
+# --------------------------------------------------------------------------- compile targets
+
+_TENSOR_POINTERS = {"X", "WQ", "BQ", "K", "V", "WO", "BO", "Y", "O", "DY", "DQ", "DX", "DK", "DV"}
+_STAT_POINTERS = {"LSE", "DELTA", "DBQ", "DBO"}  # fp32 row statistics and bias-gradient partials
+# (C, heads) of stages 1-2 of every variant: B0 32/1 and 64/2, B1-B5 64/1 and 128/2.
+STAGE_SHAPES = ((32, 1), (64, 1), (64, 2), (128, 2))
+
+
+def _launches():
+    """Every (kernel, config, dtype, stage shape, dot precision) the launchers can launch
+    on a GPU; the forward with and without the saved outputs, dK/dV also with fp32
+    partial buffers (several query splits) for 16-bit inputs."""
+    for (dtype, precision), (channels, heads), kernel in itertools.product(DTYPE_PRECISIONS, STAGE_SHAPES, KERNELS):
+        head_dim = channels // heads
+        if not fused_kernels_run(channels, head_dim, dtype):
+            continue
+        constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": core.block_d(head_dim), "BLOCK_C": _block_c(channels),
+                      "INPUT_PRECISION": precision, "ALIGN": 16, "CONTIGUOUS_D": True}
+        # the forward compiles with and without the outputs the backward needs
+        saves = ({"SAVE_FOR_BACKWARD": False}, {"SAVE_FOR_BACKWARD": True}) if kernel == "forward" else ({},)
+        split_partials = (False, True) if kernel == "backward_dkdv" and dtype != torch.float32 else (False,)
+        for tile, save, partials in itertools.product(
+            tiles(kernel, channels, head_dim, dtype, precision), saves, split_partials
+        ):
+            yield Launch(kernel, dtype, tile, {**constexprs, **save},
+                         shape=f"C={channels} h={heads}" + (" partials" if partials else ""),
+                         fp32_pointers=frozenset({"DK", "DV"} if partials else ()))
+
+
+def compile_targets() -> list[CompileTarget]:
+    return build_targets("fused_attention", KERNELS, _launches(), pointers=_TENSOR_POINTERS,
+                         fp32_pointers=_STAT_POINTERS, floats=SCALE_ARGUMENTS)

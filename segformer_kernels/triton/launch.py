@@ -1,6 +1,6 @@
-"""What every kernel module's launchers share: dot precision, alignment hints, the device
-guard, dtype names and kernel signatures for compile targets, and autotuning (the one
-place every autotuned launch goes through)."""
+"""What every kernel module's launchers share: the launch config type (``Tile``), dot
+precision, alignment hints, the device guard, dtype names, and autotuning (the one place
+every autotuned launch goes through)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import inspect
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Collection, Sequence
+from typing import Sequence
 
 import torch
 import triton
@@ -22,6 +22,14 @@ INPUT_PRECISIONS = ("tf32", "ieee")
 
 # Triton's name of each dtype the kernels take, as compile targets' signatures write it.
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# Every (dtype, INPUT_PRECISION) a kernel with dots is launched with: fp32 in both
+# precisions, 16-bit inputs always as "tf32" (see resolve_input_precision).
+DTYPE_PRECISIONS = tuple(
+    (dtype, precision)
+    for dtype in TRITON_DTYPES
+    for precision in (INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",))
+)
 
 
 # What an fp32 op passes to its custom op when no precision was asked for: the kernel
@@ -62,30 +70,6 @@ def _torch_fp32_matmul_precision() -> str:
     if precision == "none":
         return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
     return "tf32" if precision == "tf32" else "ieee"
-
-
-def kernel_signature(kernel, dtype: torch.dtype, *, pointers: Collection[str] | None = None,
-                     fp32_pointers: Collection[str] = (), floats: Collection[str] = ()) -> dict[str, str]:
-    """Triton types of ``kernel``'s runtime arguments for inputs of ``dtype``, as a compile
-    target lists them: tensor pointers (``pointers``, by default the arguments named
-    ``*_ptr``) to ``dtype`` except ``fp32_pointers``, ``floats`` fp32 scalars, everything
-    else (sizes, strides) i32. tl.constexpr arguments are left out."""
-    function = kernel
-    while hasattr(function, "fn"):  # through autotuner, JITFunction or interpreter wrappers
-        function = function.fn
-    parameters = inspect.signature(function).parameters
-    element = TRITON_DTYPES[dtype]
-    signature = {}
-    for name, parameter in parameters.items():
-        if "constexpr" in str(parameter.annotation):
-            continue
-        if name in fp32_pointers:
-            signature[name] = "*fp32"
-        elif name in pointers if pointers is not None else name.endswith("_ptr"):
-            signature[name] = f"*{element}"
-        else:
-            signature[name] = "fp32" if name in floats else "i32"
-    return signature
 
 
 @triton.jit
@@ -148,23 +132,45 @@ def kernel_launcher(body):
 
 @dataclass(frozen=True)
 class Tile:
-    """One launch configuration of the attention kernels: BLOCK_N query rows and BLOCK_M key
-    rows per tile, warps, pipeline stages."""
+    """One launch configuration of a kernel: its block sizes (the BLOCK_* tl.constexpr
+    arguments, by name, in the order the kernel takes them), warps and pipeline stages.
+    Every op's launch configs are Tiles, whether autotuned over or launched as they are."""
 
-    block_n: int
-    block_m: int
+    blocks: tuple[tuple[str, int], ...]
     num_warps: int
     num_stages: int
 
+    @classmethod
+    def of(cls, *, num_warps: int, num_stages: int, **blocks: int) -> Tile:
+        """``Tile.of(BLOCK_M=64, BLOCK_C=32, num_warps=4, num_stages=3)``."""
+        return cls(tuple(blocks.items()), num_warps, num_stages)
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.blocks)[name]
+
+    def constexprs(self) -> dict[str, int]:
+        return dict(self.blocks)
+
+    def options(self) -> dict[str, int]:
+        """The launch options a kernel takes besides its arguments."""
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
     def triton_config(self) -> triton.Config:
-        return triton.Config(
-            {"BLOCK_N": self.block_n, "BLOCK_M": self.block_m}, num_warps=self.num_warps, num_stages=self.num_stages
-        )
+        return triton.Config(self.constexprs(), **self.options())
+
+    def __str__(self) -> str:
+        blocks = " ".join(f"{name}={value}" for name, value in self.blocks)
+        return f"{blocks} warps={self.num_warps} stages={self.num_stages}"
 
 
-# The interpreter runs one config unless SK_INTERPRET_AUTOTUNE=1. Blocks of 32 keep the
-# tiny test shapes multi-block in both N and M.
-INTERPRETER_TILE = Tile(block_n=32, block_m=32, num_warps=4, num_stages=1)
+def launch_tile(kernel, grid, args, constexprs: dict, tile: Tile) -> None:
+    """Launch ``kernel`` at one config: ``constexprs`` are its other tl.constexpr arguments."""
+    kernel[grid](*args, **constexprs, **tile.constexprs(), **tile.options())
+
+
+# The interpreter runs one config of the attention kernels unless SK_INTERPRET_AUTOTUNE=1.
+# Blocks of 32 keep the tiny test shapes multi-block in both N and M.
+INTERPRETER_TILE = Tile.of(BLOCK_N=32, BLOCK_M=32, num_warps=4, num_stages=1)
 
 # SK_INTERPRET_AUTOTUNE=1 makes the interpreter autotune as a GPU does: every autotuned
 # launch runs each candidate config on the live buffers (with the autotuner's own

@@ -1,6 +1,6 @@
 """LayerNorm over the last dimension, optionally fused with the residual add.
 
-Forward: one program normalises BLOCK_ROWS rows of BLOCK_C = next_pow2(C) columns
+Forward: one program normalises BLOCK_T rows (tokens) of BLOCK_C = next_pow2(C) columns
 held in registers, with fp32 statistics; with a residual it also writes
 ``s = x + residual`` (the new residual stream of a pre-norm block) in the same
 pass, so the sum never makes a round trip through memory before being normalised.
@@ -15,6 +15,7 @@ finishes the reduction, so weight gradients are deterministic (no atomics).
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Optional
 
 import torch
@@ -22,12 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .launch import TRITON_DTYPES, kernel_launcher, kernel_signature
-from ..compile_check import CompileTarget
+from ..compile_check import CompileTarget, Launch, build_targets
+from .launch import TRITON_DTYPES, Tile, kernel_launcher, launch_tile
 
-# ---------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -48,10 +47,10 @@ def _layer_norm_forward_kernel(
     residual_col_stride,
     eps,
     HAS_RESIDUAL: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     col = tl.arange(0, BLOCK_C)
     row_mask = row < rows
     col_mask = col < channels
@@ -101,19 +100,19 @@ def _layer_norm_backward_kernel(
     summed_row_stride,
     summed_col_stride,
     HAS_GRAD_SUMMED: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     program = tl.program_id(0)
     col = tl.arange(0, BLOCK_C)
     col_mask = col < channels
     weight = tl.load(weight_ptr + col, mask=col_mask, other=0.0).to(tl.float32)
-    weight_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
-    bias_acc = tl.zeros([BLOCK_ROWS, BLOCK_C], dtype=tl.float32)
+    weight_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
 
     first_row = program * rows_per_program
-    for start in range(first_row, first_row + rows_per_program, BLOCK_ROWS):
-        row = start + tl.arange(0, BLOCK_ROWS)
+    for start in range(first_row, first_row + rows_per_program, BLOCK_T):
+        row = start + tl.arange(0, BLOCK_T)
         row_mask = row < rows
         mask = row_mask[:, None] & col_mask[None, :]
         row64 = row.to(tl.int64)[:, None]
@@ -148,11 +147,12 @@ def _layer_norm_backward_kernel(
     tl.store(bias_partial_ptr + program * channels + col, tl.sum(bias_acc, axis=0), mask=col_mask)
 
 
-# ---------------------------------------------------------------------------
-# Launch configuration
-# ---------------------------------------------------------------------------
+KERNELS = {"forward": _layer_norm_forward_kernel, "backward": _layer_norm_backward_kernel}
 
-# Elements one program keeps per [BLOCK_ROWS, BLOCK_C] tile. The backward holds
+
+# --------------------------------------------------------------------------- launch configurations
+
+# Elements one program keeps per [BLOCK_T, BLOCK_C] tile. The backward holds
 # about twice as many live tiles (inputs plus two accumulators), so it takes fewer rows.
 # 4096 forward elements (x, residual, sum and output live: ~200 registers) spilled
 # under triton 3.6 with a residual at C = 32 and 64; 2048 keeps both versions clean.
@@ -168,15 +168,17 @@ _NUM_STAGES = 2
 
 
 @functools.lru_cache(maxsize=None)
-def _block_config(channels: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, forward BLOCK_ROWS, backward BLOCK_ROWS, num_warps) for C channels."""
+def tile(kernel: str, channels: int) -> Tile:
+    """The launch config of ``kernel`` for C channels: whole rows of BLOCK_C = next_pow2(C)."""
     block_c = triton.next_power_of_2(channels)
     num_warps = min(16, max(4, block_c // 512))
-    # at least two rows a warp: fewer (4 rows of 512 over 4 warps) made triton 3.6's
-    # ptxas spill on sm_80
-    forward_rows = max(2 * num_warps, _FORWARD_TILE // block_c)
-    backward_rows = max(1, _BACKWARD_TILE // block_c)
-    return block_c, forward_rows, backward_rows, num_warps
+    if kernel == "forward":
+        # at least two rows a warp: fewer (4 rows of 512 over 4 warps) made triton 3.6's
+        # ptxas spill on sm_80
+        rows = max(2 * num_warps, _FORWARD_TILE // block_c)
+    else:
+        rows = max(1, _BACKWARD_TILE // block_c)
+    return Tile.of(BLOCK_T=rows, BLOCK_C=block_c, num_warps=num_warps, num_stages=_NUM_STAGES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,23 +195,18 @@ def _backward_programs(device: torch.device, row_blocks: int) -> int:
     return max(1, min(row_blocks, limit))
 
 
+# --------------------------------------------------------------------------- launchers
+
+
 def _as_rows(t: Tensor, channels: int) -> Tensor:
     """[..., C] as a [rows, C] view (a copy only when no single row stride exists)."""
     return t.reshape(-1, channels)
 
 
-# ---------------------------------------------------------------------------
-# Custom ops (opaque to torch.compile) and their launchers
-# ---------------------------------------------------------------------------
-
-
-@torch.library.custom_op("segformer::layer_norm", mutates_args=())
-@kernel_launcher
-def _layer_norm_op(
+def launch_forward(
     x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (normed, summed, mean, rstd); ``summed`` is empty without a residual
-    (the schema needs a fixed number of outputs, and an output may not alias x)."""
+    """(normed, summed, mean, rstd); ``summed`` is empty without a residual."""
     channels = x.shape[-1]
     x_rows = _as_rows(x, channels)
     rows = x_rows.shape[0]
@@ -223,16 +220,54 @@ def _layer_norm_op(
         residual_rows = _as_rows(residual, channels)
         summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         summed_out = summed
-    block_c, block_rows, _, num_warps = _block_config(channels)
-    _layer_norm_forward_kernel[(triton.cdiv(rows, block_rows),)](
-        x_rows, residual_rows, weight, bias, normed, summed_out, mean, rstd,
-        rows, channels,
-        x_rows.stride(0), x_rows.stride(1), residual_rows.stride(0), residual_rows.stride(1),
-        eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-        num_warps=num_warps, num_stages=_NUM_STAGES,
+    config = tile("forward", channels)
+    args = (
+        x_rows, residual_rows, weight, bias, normed, summed_out, mean, rstd, rows, channels,
+        x_rows.stride(0), x_rows.stride(1), residual_rows.stride(0), residual_rows.stride(1), eps,
     )
+    launch_tile(KERNELS["forward"], (triton.cdiv(rows, config["BLOCK_T"]),), args,
+                {"HAS_RESIDUAL": residual is not None}, config)
     return normed, summed, mean, rstd
+
+
+def launch_backward(
+    grad_normed: Tensor, grad_summed: Optional[Tensor], summed: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad of the normalised input, fp32 grad of weight, fp32 grad of bias)."""
+    channels = summed.shape[-1]
+    summed_rows = _as_rows(summed, channels)
+    grad_normed_rows = _as_rows(grad_normed, channels)
+    grad_summed_rows = grad_normed_rows if grad_summed is None else _as_rows(grad_summed, channels)
+    rows = summed_rows.shape[0]
+    config = tile("backward", channels)
+    row_blocks = triton.cdiv(rows, config["BLOCK_T"])
+    programs = _backward_programs(summed.device, row_blocks)
+    rows_per_program = triton.cdiv(row_blocks, programs) * config["BLOCK_T"]
+    programs = triton.cdiv(rows, rows_per_program)
+
+    grad_x = torch.empty(summed.shape, dtype=summed.dtype, device=summed.device)
+    weight_partial = torch.empty((programs, channels), dtype=torch.float32, device=summed.device)
+    bias_partial = torch.empty_like(weight_partial)
+    args = (
+        grad_normed_rows, grad_summed_rows, summed_rows, weight, mean, rstd, grad_x, weight_partial, bias_partial,
+        rows, channels, rows_per_program, grad_normed_rows.stride(0), grad_normed_rows.stride(1),
+        grad_summed_rows.stride(0), grad_summed_rows.stride(1), summed_rows.stride(0), summed_rows.stride(1),
+    )
+    launch_tile(KERNELS["backward"], (programs,), args, {"HAS_GRAD_SUMMED": grad_summed is not None}, config)
+    return grad_x, weight_partial.sum(0), bias_partial.sum(0)
+
+
+# --------------------------------------------------------------------------- autograd op
+
+
+@torch.library.custom_op("segformer::layer_norm", mutates_args=())
+@kernel_launcher
+def _layer_norm_op(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Optional[Tensor]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (normed, summed, mean, rstd); ``summed`` is empty without a residual
+    (the schema needs a fixed number of outputs, and an output may not alias x)."""
+    return launch_forward(x, weight, bias, eps, residual)
 
 
 @_layer_norm_op.register_fake
@@ -251,31 +286,7 @@ def _layer_norm_backward_op(
     """Returns (grad of the normalised input, fp32 grad of weight, fp32 grad of bias).
     ``summed`` is the tensor that was normalised; ``grad_summed`` is the gradient
     that reached it directly (the residual stream), added to its gradient."""
-    channels = summed.shape[-1]
-    summed_rows = _as_rows(summed, channels)
-    grad_normed_rows = _as_rows(grad_normed, channels)
-    grad_summed_rows = grad_normed_rows if grad_summed is None else _as_rows(grad_summed, channels)
-    rows = summed_rows.shape[0]
-    block_c, _, block_rows, num_warps = _block_config(channels)
-    row_blocks = triton.cdiv(rows, block_rows)
-    programs = _backward_programs(summed.device, row_blocks)
-    rows_per_program = triton.cdiv(row_blocks, programs) * block_rows
-    programs = triton.cdiv(rows, rows_per_program)
-
-    grad_x = torch.empty(summed.shape, dtype=summed.dtype, device=summed.device)
-    weight_partial = torch.empty((programs, channels), dtype=torch.float32, device=summed.device)
-    bias_partial = torch.empty_like(weight_partial)
-    _layer_norm_backward_kernel[(programs,)](
-        grad_normed_rows, grad_summed_rows, summed_rows, weight, mean, rstd,
-        grad_x, weight_partial, bias_partial,
-        rows, channels, rows_per_program,
-        grad_normed_rows.stride(0), grad_normed_rows.stride(1),
-        grad_summed_rows.stride(0), grad_summed_rows.stride(1),
-        summed_rows.stride(0), summed_rows.stride(1),
-        HAS_GRAD_SUMMED=grad_summed is not None, BLOCK_ROWS=block_rows, BLOCK_C=block_c,
-        num_warps=num_warps, num_stages=_NUM_STAGES,
-    )
-    return grad_x, weight_partial.sum(0), bias_partial.sum(0)
+    return launch_backward(grad_normed, grad_summed, summed, weight, mean, rstd)
 
 
 @_layer_norm_backward_op.register_fake
@@ -313,9 +324,7 @@ def _backward_formula(ctx, grad_normed, grad_summed, _grad_mean, _grad_rstd):
 _layer_norm_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------------------
-# The implementation ops.layer_norm dispatches to
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- public function
 
 
 def layer_norm(
@@ -327,9 +336,7 @@ def layer_norm(
     return normed if residual is None else (normed, summed)
 
 
-# ---------------------------------------------------------------------------
-# Static compile targets (python -m segformer_kernels.compile_check)
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------- compile targets
 
 # Every LayerNorm width in MiT-B0..B5 (hidden sizes; 160 and 320 are not powers of two).
 _MODEL_CHANNELS = (32, 64, 128, 160, 256, 320, 512)
@@ -338,36 +345,14 @@ _MODEL_CHANNELS = (32, 64, 128, 160, 256, 320, 512)
 _FP32_POINTERS = {"weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "weight_partial_ptr", "bias_partial_ptr"}
 
 
-def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype) the launchers launch for the model's widths.
+def _launches():
+    """Every (kernel, config, dtype) the launchers launch for the model's widths, with
+    and without the residual (forward) or the gradient reaching the sum (backward).
     Weights are listed as fp32 (the model keeps fp32 parameters under AMP)."""
-    targets = []
-    for channels in _MODEL_CHANNELS:
-        block_c, forward_rows, backward_rows, num_warps = _block_config(channels)
-        for dtype, ty in TRITON_DTYPES.items():
-            for has_residual in (False, True):
-                targets.append(
-                    CompileTarget(
-                        name="layer_norm_forward",
-                        kernel=_layer_norm_forward_kernel,
-                        signature=kernel_signature(_layer_norm_forward_kernel, dtype, fp32_pointers=_FP32_POINTERS,
-                                                   floats={"eps"}),
-                        constexprs={"HAS_RESIDUAL": has_residual, "BLOCK_ROWS": forward_rows, "BLOCK_C": block_c},
-                        num_warps=num_warps,
-                        num_stages=_NUM_STAGES,
-                        config=f"C={channels} residual={has_residual} {ty}",
-                    )
-                )
-            for has_grad_summed in (False, True):
-                targets.append(
-                    CompileTarget(
-                        name="layer_norm_backward",
-                        kernel=_layer_norm_backward_kernel,
-                        signature=kernel_signature(_layer_norm_backward_kernel, dtype, fp32_pointers=_FP32_POINTERS),
-                        constexprs={"HAS_GRAD_SUMMED": has_grad_summed, "BLOCK_ROWS": backward_rows, "BLOCK_C": block_c},
-                        num_warps=num_warps,
-                        num_stages=_NUM_STAGES,
-                        config=f"C={channels} grad_summed={has_grad_summed} {ty}",
-                    )
-                )
-    return targets
+    flags = {"forward": "HAS_RESIDUAL", "backward": "HAS_GRAD_SUMMED"}
+    for channels, dtype, kernel, flag in itertools.product(_MODEL_CHANNELS, TRITON_DTYPES, KERNELS, (False, True)):
+        yield Launch(kernel, dtype, tile(kernel, channels), {flags[kernel]: flag}, shape=f"C={channels}")
+
+
+def compile_targets() -> list[CompileTarget]:
+    return build_targets("layer_norm", KERNELS, _launches(), fp32_pointers=_FP32_POINTERS, floats={"eps"})

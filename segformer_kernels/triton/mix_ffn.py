@@ -13,7 +13,7 @@ else. With pre = dwconv(h) + b, a = GELU(pre) and dY the gradient of the output:
                                recomputed from h, is the register (A) operand
     dpre    = (dY fc2_w) * GELU'(pre)
                                a GEMM whose epilogue recomputes pre from h
-    dh, d dw_w, d dw_b         the transposed 3x3 conv of dpre (shared with dwconv_gelu)
+    dh, d dw_w, d dw_b         the transposed 3x3 conv of dpre (dwconv_gelu.launch_backward_dwconv)
     dx = dh fc1_w,  d fc1_w = dh^T x,  d fc1_b = sum_t dh   (torch matmuls)
 Weight gradients are fp32 partial sums per program, reduced by one deterministic
 sum (no atomics).
@@ -21,59 +21,55 @@ sum (no atomics).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..compile_check import CompileTarget
-from .dwconv_gelu import (
-    HIDDEN_WIDTHS,
-    dwconv3x3_tile,
-    dwconv_transpose,
-    gelu,
-    gelu_grad,
-    token_grid_position,
+from ..compile_check import CompileTarget, Launch, build_targets
+from .dwconv_gelu import HIDDEN_WIDTHS, dwconv3x3_tile, gelu, gelu_grad, launch_backward_dwconv, token_grid_position
+from .launch import (
+    DTYPE_PRECISIONS, Tile, alignment, kernel_launcher, launch_tile, multiple_of, resolve_input_precision,
 )
-from .launch import TRITON_DTYPES, alignment, kernel_launcher, kernel_signature, multiple_of, resolve_input_precision
 
-# Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
-# dwconv_gelu.HIDDEN_WIDTHS).
-OUTPUT_WIDTHS = (32, 64, 128, 160, 256, 320, 512)
+# Block names: BLOCK_T tokens, BLOCK_H hidden (4C) channels, BLOCK_CO output channels.
+
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _split_program_id(num_columns, BLOCK: tl.constexpr):
-    """(row tile, column tile) of a 1-D grid in which the column tiles of one row tile
-    are consecutive programs, so they run together and share that row tile's loads."""
-    column_tiles = tl.cdiv(num_columns, BLOCK)
+def _program_tile(num_rows, num_columns, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """This program's rows and columns of a [num_rows, num_columns] result, with their
+    masks. 1-D grid in which the column tiles of one row tile are consecutive programs,
+    so they run together and share that row tile's loads."""
+    column_tiles = tl.cdiv(num_columns, BLOCK_COLUMNS)
     pid = tl.program_id(0)
-    return pid // column_tiles, pid % column_tiles
+    rows = (pid // column_tiles) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    columns = (pid % column_tiles) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    return rows, rows < num_rows, columns, columns < num_columns
 
 
 @triton.jit
-def _fc2_forward_kernel(
+def _mix_ffn_forward_kernel(
     h_ptr, dw_weight_ptr, dw_bias_ptr, fc2_weight_ptr, fc2_bias_ptr, y_ptr,
     num_tokens, height, width, hidden, out_channels,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_H: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """y[t, o] = sum_j a[t, j] fc2_w[o, j] + fc2_b[o], a recomputed tile by tile from h."""
     hidden = multiple_of(hidden, ALIGN)
     out_channels = multiple_of(out_channels, ALIGN)
-    token_tile, out_tile = _split_program_id(out_channels, BLOCK_N)
-    tokens = token_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    outs = out_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    token_mask = tokens < num_tokens
-    out_mask = outs < out_channels
+    tokens, token_mask, outs, out_mask = _program_tile(num_tokens, out_channels, BLOCK_T, BLOCK_CO)
     row, col = token_grid_position(tokens, height, width)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, hidden, BLOCK_K):
-        channels = k + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_T, BLOCK_CO], dtype=tl.float32)
+    for k in range(0, hidden, BLOCK_H):
+        channels = k + tl.arange(0, BLOCK_H)
         channel_mask = channels < hidden
         a = gelu(dwconv3x3_tile(h_ptr, dw_weight_ptr, dw_bias_ptr, tokens, row, col, token_mask,
-                                channels, channel_mask, height, width, hidden, BLOCK_M, BLOCK_K))
+                                channels, channel_mask, height, width, hidden, BLOCK_T, BLOCK_H))
         w = tl.load(fc2_weight_ptr + outs[None, :] * hidden + channels[:, None],
                     mask=channel_mask[:, None] & out_mask[None, :], other=0.0)
         acc = tl.dot(a.to(w.dtype), w, acc, input_precision=INPUT_PRECISION)
@@ -83,31 +79,27 @@ def _fc2_forward_kernel(
 
 
 @triton.jit
-def _fc2_weight_grad_kernel(
+def _mix_ffn_backward_fc2_weight_kernel(
     h_ptr, dw_weight_ptr, dw_bias_ptr, grad_ptr, partial_ptr,
     num_tokens, height, width, hidden, out_channels, tokens_per_split,
-    BLOCK_J: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_T: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """partial[s, o, j] = sum over split s's tokens t of dY[t, o] a[t, j], computed as
     (a^T dY)[j, o] so that the recomputed operand is the GEMM's A (register) operand."""
     hidden = multiple_of(hidden, ALIGN)
     out_channels = multiple_of(out_channels, ALIGN)
-    channel_tile, out_tile = _split_program_id(out_channels, BLOCK_O)
-    channels = channel_tile * BLOCK_J + tl.arange(0, BLOCK_J)
-    outs = out_tile * BLOCK_O + tl.arange(0, BLOCK_O)
-    channel_mask = channels < hidden
-    out_mask = outs < out_channels
+    channels, channel_mask, outs, out_mask = _program_tile(hidden, out_channels, BLOCK_H, BLOCK_CO)
     split = tl.program_id(1)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, num_tokens)
-    acc = tl.zeros([BLOCK_J, BLOCK_O], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_CO], dtype=tl.float32)
     for t in range(start, end, BLOCK_T):
         tokens = t + tl.arange(0, BLOCK_T)
         token_mask = tokens < end
         row, col = token_grid_position(tokens, height, width)
         a = gelu(dwconv3x3_tile(h_ptr, dw_weight_ptr, dw_bias_ptr, tokens, row, col, token_mask,
-                                channels, channel_mask, height, width, hidden, BLOCK_T, BLOCK_J))
+                                channels, channel_mask, height, width, hidden, BLOCK_T, BLOCK_H))
         # Masked tokens get a = GELU(bias), but their dY rows load as zero.
         grad = tl.load(grad_ptr + tokens.to(tl.int64)[:, None] * out_channels + outs[None, :],
                        mask=token_mask[:, None] & out_mask[None, :], other=0.0)
@@ -118,25 +110,21 @@ def _fc2_weight_grad_kernel(
 
 
 @triton.jit
-def _fc2_input_grad_kernel(
+def _mix_ffn_backward_dpre_kernel(
     grad_ptr, fc2_weight_ptr, h_ptr, dw_weight_ptr, dw_bias_ptr, dpre_ptr,
     num_tokens, height, width, hidden, out_channels,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_CO: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
     """dpre[t, j] = (sum_o dY[t, o] fc2_w[o, j]) * GELU'(pre[t, j]), pre recomputed from h
     in the epilogue: the gradient at the GELU input, the only 4C-wide tensor written."""
     hidden = multiple_of(hidden, ALIGN)
     out_channels = multiple_of(out_channels, ALIGN)
-    token_tile, channel_tile = _split_program_id(hidden, BLOCK_N)
-    tokens = token_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    channels = channel_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    token_mask = tokens < num_tokens
-    channel_mask = channels < hidden
+    tokens, token_mask, channels, channel_mask = _program_tile(num_tokens, hidden, BLOCK_T, BLOCK_H)
     grad_rows = grad_ptr + tokens.to(tl.int64)[:, None] * out_channels
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, out_channels, BLOCK_K):
-        outs = k + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for k in range(0, out_channels, BLOCK_CO):
+        outs = k + tl.arange(0, BLOCK_CO)
         out_mask = outs < out_channels
         grad = tl.load(grad_rows + outs[None, :], mask=token_mask[:, None] & out_mask[None, :], other=0.0)
         w = tl.load(fc2_weight_ptr + outs[:, None] * hidden + channels[None, :],
@@ -144,13 +132,20 @@ def _fc2_input_grad_kernel(
         acc = tl.dot(grad, w, acc, input_precision=INPUT_PRECISION)
     row, col = token_grid_position(tokens, height, width)
     pre = dwconv3x3_tile(h_ptr, dw_weight_ptr, dw_bias_ptr, tokens, row, col, token_mask, channels, channel_mask,
-                         height, width, hidden, BLOCK_M, BLOCK_N)
+                         height, width, hidden, BLOCK_T, BLOCK_H)
     tl.store(dpre_ptr + tokens.to(tl.int64)[:, None] * hidden + channels[None, :],
              (acc * gelu_grad(pre)).to(dpre_ptr.dtype.element_ty), mask=token_mask[:, None] & channel_mask[None, :])
 
 
-# ---------------------------------------------------------------------------- configs and launchers
-# Launchers take tokens flattened to contiguous [B * H * W, channels] matrices.
+KERNELS = {
+    "forward": _mix_ffn_forward_kernel,
+    "backward_fc2_weight": _mix_ffn_backward_fc2_weight_kernel,
+    "backward_dpre": _mix_ffn_backward_dpre_kernel,
+}
+
+
+# --------------------------------------------------------------------------- launch configurations
+
 
 def _output_block(out_channels: int) -> int:
     """One tile covers all of C_out up to 256 (C_out = 32..512 in the model): every
@@ -165,21 +160,17 @@ def _output_block(out_channels: int) -> int:
 # registers each instead of the 200-255 (and a few spills) that four warps need for the
 # same tile. The weight gradient's widest tile (64 x 256 accumulator) gets sixteen: with
 # eight, triton 3.6's ptxas keeps sm_80 at 128 registers and spills the exact fp32 variant.
-
-def forward_config(out_channels: int) -> dict[str, int]:
-    return {"BLOCK_M": 64, "BLOCK_N": _output_block(out_channels), "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
-
-
-def weight_grad_config(out_channels: int) -> dict[str, int]:
-    block_o = _output_block(out_channels)
-    widest = block_o >= 256
-    return {"BLOCK_J": 64, "BLOCK_O": block_o, "BLOCK_T": 16 if widest else 32, "num_warps": 16 if widest else 8,
-            "num_stages": 2}
-
-
-def input_grad_config(out_channels: int) -> dict[str, int]:
-    """The same tile for every C_out: C_out is this GEMM's reduction (loop) dimension."""
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+def tile(kernel: str, out_channels: int) -> Tile:
+    """The launch config of ``kernel`` for C_out output channels."""
+    block_co = _output_block(out_channels)
+    if kernel == "forward":
+        return Tile.of(BLOCK_T=64, BLOCK_CO=block_co, BLOCK_H=32, num_warps=8, num_stages=2)
+    if kernel == "backward_fc2_weight":
+        widest = block_co >= 256
+        return Tile.of(BLOCK_H=64, BLOCK_CO=block_co, BLOCK_T=16 if widest else 32, num_warps=16 if widest else 8,
+                       num_stages=2)
+    # the same tile for every C_out: C_out is this GEMM's reduction (loop) dimension
+    return Tile.of(BLOCK_T=64, BLOCK_H=64, BLOCK_CO=32, num_warps=8, num_stages=2)
 
 
 # The weight-gradient GEMM reduces over all tokens; it splits them so that there are
@@ -197,56 +188,58 @@ def token_splits(num_tokens: int, tiles: int, block_t: int) -> tuple[int, int]:
     return triton.cdiv(blocks, blocks_per_split), blocks_per_split * block_t
 
 
-def _launch(kernel, grid, args, config: dict[str, int], input_precision: str, hidden: int, out_channels: int) -> None:
-    constexprs = {k: v for k, v in config.items() if k.startswith("BLOCK_")}
-    kernel[grid](*args, **constexprs, INPUT_PRECISION=input_precision, ALIGN=alignment(hidden, out_channels),
-                 num_warps=config["num_warps"], num_stages=config["num_stages"])
+# --------------------------------------------------------------------------- launchers
+# They take tokens flattened to contiguous [B * H * W, channels] matrices.
 
 
-def fc2_forward(h: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
-                fc2_weight: Tensor, fc2_bias: Tensor, input_precision: str) -> Tensor:
+def _launch(kernel: str, grid, args, config: Tile, input_precision: str, hidden: int, out_channels: int) -> None:
+    constexprs = {"INPUT_PRECISION": input_precision, "ALIGN": alignment(hidden, out_channels)}
+    launch_tile(KERNELS[kernel], grid, args, constexprs, config)
+
+
+def launch_forward(h: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
+                   fc2_weight: Tensor, fc2_bias: Tensor, input_precision: str) -> Tensor:
     """fc2(GELU(dwconv3x3(h) + dw_bias)) for h [tokens, 4C] -> [tokens, C_out]."""
     num_tokens, hidden = h.shape
     out_channels = fc2_weight.shape[0]
-    config = forward_config(out_channels)
+    config = tile("forward", out_channels)
     y = h.new_empty((num_tokens, out_channels))
-    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]) * triton.cdiv(out_channels, config["BLOCK_N"]),)
-    _launch(_fc2_forward_kernel, grid, (h, dw_weight, dw_bias, fc2_weight, fc2_bias, y,
-                                        num_tokens, height, width, hidden, out_channels), config, input_precision,
-            hidden, out_channels)
+    grid = (triton.cdiv(num_tokens, config["BLOCK_T"]) * triton.cdiv(out_channels, config["BLOCK_CO"]),)
+    args = (h, dw_weight, dw_bias, fc2_weight, fc2_bias, y, num_tokens, height, width, hidden, out_channels)
+    _launch("forward", grid, args, config, input_precision, hidden, out_channels)
     return y
 
 
-def fc2_weight_grad(grad: Tensor, h: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
-                    input_precision: str) -> Tensor:
+def launch_backward_fc2_weight(grad: Tensor, h: Tensor, height: int, width: int, dw_weight: Tensor,
+                               dw_bias: Tensor, input_precision: str) -> Tensor:
     """d fc2_w = dY^T GELU(dwconv3x3(h) + dw_bias): [C_out, 4C] in h's dtype."""
     num_tokens, hidden = h.shape
     out_channels = grad.shape[1]
-    config = weight_grad_config(out_channels)
-    tiles = triton.cdiv(hidden, config["BLOCK_J"]) * triton.cdiv(out_channels, config["BLOCK_O"])
+    config = tile("backward_fc2_weight", out_channels)
+    tiles = triton.cdiv(hidden, config["BLOCK_H"]) * triton.cdiv(out_channels, config["BLOCK_CO"])
     splits, tokens_per_split = token_splits(num_tokens, tiles, config["BLOCK_T"])
     partial = torch.empty((splits, out_channels, hidden), device=h.device, dtype=torch.float32)
-    _launch(_fc2_weight_grad_kernel, (tiles, splits),
-            (h, dw_weight, dw_bias, grad, partial, num_tokens, height, width, hidden, out_channels, tokens_per_split),
-            config, input_precision, hidden, out_channels)
+    args = (h, dw_weight, dw_bias, grad, partial, num_tokens, height, width, hidden, out_channels, tokens_per_split)
+    _launch("backward_fc2_weight", (tiles, splits), args, config, input_precision, hidden, out_channels)
     return partial.sum(0).to(h.dtype)
 
 
-def fc2_input_grad(grad: Tensor, h: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
-                   fc2_weight: Tensor, input_precision: str) -> Tensor:
-    """dpre = (dY fc2_w) * GELU'(dwconv3x3(h) + dw_bias): [tokens, 4C] in h's dtype."""
+def launch_backward_dpre(grad: Tensor, h: Tensor, height: int, width: int, dw_weight: Tensor, dw_bias: Tensor,
+                         fc2_weight: Tensor, input_precision: str) -> Tensor:
+    """dpre = (dY fc2_w) * GELU'(dwconv3x3(h) + dw_bias), the gradient at the GELU input:
+    [tokens, 4C] in h's dtype."""
     num_tokens, hidden = h.shape
     out_channels = grad.shape[1]
-    config = input_grad_config(out_channels)
+    config = tile("backward_dpre", out_channels)
     dpre = torch.empty_like(h)
-    grid = (triton.cdiv(num_tokens, config["BLOCK_M"]) * triton.cdiv(hidden, config["BLOCK_N"]),)
-    _launch(_fc2_input_grad_kernel, grid, (grad, fc2_weight, h, dw_weight, dw_bias, dpre,
-                                           num_tokens, height, width, hidden, out_channels), config, input_precision,
-            hidden, out_channels)
+    grid = (triton.cdiv(num_tokens, config["BLOCK_T"]) * triton.cdiv(hidden, config["BLOCK_H"]),)
+    args = (grad, fc2_weight, h, dw_weight, dw_bias, dpre, num_tokens, height, width, hidden, out_channels)
+    _launch("backward_dpre", grid, args, config, input_precision, hidden, out_channels)
     return dpre
 
 
-# ---------------------------------------------------------------------------- autograd op
+# --------------------------------------------------------------------------- autograd op
+
 
 @torch.library.custom_op("segformer::mix_ffn", mutates_args=())
 @kernel_launcher
@@ -257,8 +250,8 @@ def _mix_ffn_op(
     """(y, h): h = fc1(x) is returned so that autograd can keep it for the backward."""
     batch, num_tokens, _ = x.shape
     hidden = F.linear(x, fc1_weight, fc1_bias).contiguous()
-    y = fc2_forward(hidden.view(batch * num_tokens, -1), height, width, dw_weight.contiguous(),
-                    dw_bias.contiguous(), fc2_weight.contiguous(), fc2_bias.contiguous(), input_precision)
+    y = launch_forward(hidden.view(batch * num_tokens, -1), height, width, dw_weight.contiguous(),
+                       dw_bias.contiguous(), fc2_weight.contiguous(), fc2_bias.contiguous(), input_precision)
     return y.view(batch, num_tokens, -1), hidden
 
 
@@ -279,10 +272,10 @@ def _mix_ffn_backward_op(
     h = hidden.reshape(-1, hidden.shape[2]).contiguous()
     grad = grad.reshape(h.shape[0], -1).contiguous()
     dw_weight, dw_bias = dw_weight.contiguous(), dw_bias.contiguous()
-    d_fc2_weight = fc2_weight_grad(grad, h, height, width, dw_weight, dw_bias, input_precision)
+    d_fc2_weight = launch_backward_fc2_weight(grad, h, height, width, dw_weight, dw_bias, input_precision)
     d_fc2_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    dpre = fc2_input_grad(grad, h, height, width, dw_weight, dw_bias, fc2_weight.contiguous(), input_precision)
-    dh, d_dw_weight, d_dw_bias = dwconv_transpose(dpre, h, height, width, dw_weight)
+    dpre = launch_backward_dpre(grad, h, height, width, dw_weight, dw_bias, fc2_weight.contiguous(), input_precision)
+    dh, d_dw_weight, d_dw_bias = launch_backward_dwconv(dpre, h, height, width, dw_weight)
     return dh.view(hidden.shape), d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias
 
 
@@ -308,7 +301,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, grad, _grad_hidden):
     x, fc1_weight, dw_weight, dw_bias, fc2_weight, hidden = ctx.saved_tensors
-    dh, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias = torch.ops.segformer.mix_ffn_backward(
+    dh, d_dw_weight, d_dw_bias, d_fc2_weight, d_fc2_bias = _mix_ffn_backward_op(
         grad, hidden, *ctx.grid, dw_weight, dw_bias, fc2_weight, ctx.input_precision
     )
     needs = ctx.needs_input_grad
@@ -319,6 +312,9 @@ def _backward_formula(ctx, grad, _grad_hidden):
 
 
 _mix_ffn_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public function
 
 
 def mix_ffn(
@@ -337,40 +333,22 @@ def mix_ffn(
     return y
 
 
-# ---------------------------------------------------------------------------- static compile targets
+# --------------------------------------------------------------------------- compile targets
 
-_KERNELS = {
-    "fc2_forward": (_fc2_forward_kernel, forward_config),
-    "fc2_weight_grad": (_fc2_weight_grad_kernel, weight_grad_config),
-    "fc2_input_grad": (_fc2_input_grad_kernel, input_grad_config),
-}
+# Output widths of fc2: the stage widths C of every variant (hidden widths 4C are in
+# dwconv_gelu.HIDDEN_WIDTHS).
+OUTPUT_WIDTHS = (32, 64, 128, 160, 256, 320, 512)
+
+
+def _launches():
+    """Every (kernel, config, dtype, fp32 input precision) the launchers launch. The
+    configs depend only on C_out; the hidden width 4C is a runtime loop bound, so every
+    width in HIDDEN_WIDTHS runs the same compiled kernels (ALIGN covers them all: every
+    model width is a multiple of 16)."""
+    for kernel, out_channels, (dtype, precision) in itertools.product(KERNELS, OUTPUT_WIDTHS, DTYPE_PRECISIONS):
+        constexprs = {"INPUT_PRECISION": precision, "ALIGN": alignment(out_channels, *HIDDEN_WIDTHS)}
+        yield Launch(kernel, dtype, tile(kernel, out_channels), constexprs, shape=f"C_out={out_channels}")
 
 
 def compile_targets() -> list[CompileTarget]:
-    """Every (kernel, config, dtype, fp32 input precision) the launchers launch. The
-    configs depend only on C_out; the hidden width 4C is a runtime loop bound, so every
-    width in HIDDEN_WIDTHS runs the same compiled kernels."""
-    variants = [(dtype, "tf32") for dtype in TRITON_DTYPES] + [(torch.float32, "ieee")]
-    targets = []
-    for name, (kernel, config_of) in _KERNELS.items():
-        widths_of_config: dict[tuple, list[int]] = {}
-        for width in OUTPUT_WIDTHS:
-            # ALIGN covers C_out and every hidden width (all multiples of 16 in the model).
-            key = (*config_of(width).items(), ("ALIGN", alignment(width, *HIDDEN_WIDTHS)))
-            widths_of_config.setdefault(key, []).append(width)
-        for config_items, widths in widths_of_config.items():
-            config = dict(config_items)
-            constexprs = {k: v for k, v in config.items() if k.startswith("BLOCK_") or k == "ALIGN"}
-            for dtype, precision in variants:
-                dtype_name = TRITON_DTYPES[dtype]
-                shown = " ".join(f"{k}={v}" for k, v in constexprs.items())
-                targets.append(CompileTarget(
-                    name=f"{name} {dtype_name}" + (f" {precision}" if dtype_name == "fp32" else ""),
-                    kernel=kernel,
-                    signature=kernel_signature(kernel, dtype, fp32_pointers={"partial_ptr"}),
-                    constexprs={**constexprs, "INPUT_PRECISION": precision},
-                    num_warps=config["num_warps"],
-                    num_stages=config["num_stages"],
-                    config=f"{shown} warps={config['num_warps']} C_out={widths}",
-                ))
-    return targets
+    return build_targets("mix_ffn", KERNELS, _launches(), fp32_pointers={"partial_ptr"})

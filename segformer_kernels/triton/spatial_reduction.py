@@ -16,16 +16,18 @@ natural flattening is (c, ky, kx); the launchers re-lay it out as [C_out, sr, sr
 (see ``_weight_by_cell``).
 
 Backward, from the saved pre-LayerNorm rows z (fp32) and their mean and rstd:
-  1. ``_layer_norm_backward_kernel`` (M = N/sr^2 rows, cheap): dz per row, written
-     once in the input dtype; per-program partial sums of d ln_weight, d ln_bias
-     and d bias (fp32, summed afterwards: deterministic).
-  2. ``_input_grad_kernel``: dx = dz @ W, a GEMM whose rows are scattered back to
-     the tokens of their patch. Each token lies in at most one patch, so this is a
-     plain store, no atomics. Its rows run over the ceil(H/sr) x ceil(W/sr) patches
-     covering the grid: patches the conv drops have dz = 0, so the tokens in the
-     dropped rows and columns get their zero gradient written like any other.
-  3. ``_weight_grad_kernel``: dW = dz^T @ patches, tiled over (C_out, K) and split
-     over rows into fp32 partial buffers that are summed afterwards (deterministic).
+  1. ``_spatial_reduction_backward_layer_norm_kernel`` (M = N/sr^2 rows, cheap): dz
+     per row, written once in the input dtype; per-program partial sums of
+     d ln_weight, d ln_bias and d bias (fp32, summed afterwards: deterministic).
+  2. ``_spatial_reduction_backward_dx_kernel``: dx = dz @ W, a GEMM whose rows are
+     scattered back to the tokens of their patch. Each token lies in at most one
+     patch, so this is a plain store, no atomics. Its rows run over the
+     ceil(H/sr) x ceil(W/sr) patches covering the grid: patches the conv drops have
+     dz = 0, so the tokens in the dropped rows and columns get their zero gradient
+     written like any other.
+  3. ``_spatial_reduction_backward_weight_kernel``: dW = dz^T @ patches, tiled over
+     (C_out, K) and split over rows into fp32 partial buffers that are summed
+     afterwards (deterministic).
 LayerNorm backward and dx are separate kernels so that the dx GEMM's tiles do
 not have to hold whole C_out rows (which would force small row blocks and many
 re-reads of the weight); dz is only M x C_out, written once and read twice.
@@ -33,6 +35,7 @@ re-reads of the weight); dz is only M x C_out, written once and read twice.
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
@@ -40,16 +43,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..compile_check import CompileTarget, Launch, build_targets
 from .launch import (
-    INPUT_PRECISIONS,
-    TRITON_DTYPES,
-    alignment,
-    kernel_launcher,
-    kernel_signature,
-    multiple_of,
-    resolve_input_precision,
+    DTYPE_PRECISIONS, Tile, alignment, kernel_launcher, launch_tile, multiple_of, resolve_input_precision,
 )
-from ..compile_check import CompileTarget
 
 # Split the weight-gradient reduction over rows until about this many programs
 # run (a few per SM on current GPUs), but keep every split at least
@@ -70,7 +67,7 @@ LAYER_NORM_BACKWARD_PROGRAMS = 256
 VARIANT_CHANNELS = {32: 8, 64: 8, 128: 4, 160: 2, 320: 2}
 
 
-# ---------------------------------------------------------------- kernels
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -94,30 +91,35 @@ def _k_step(step, channel_blocks, sr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(
+def _aligned(channels, out_channels, stride_xb, stride_xn, ALIGN: tl.constexpr):
+    """The channel counts and x's strides as multiples of ALIGN, as the launcher checked
+    they are, so the compiler knows rows of channels load as wide vectors."""
+    return (multiple_of(channels, ALIGN), multiple_of(out_channels, ALIGN), multiple_of(stride_xb, ALIGN),
+            multiple_of(stride_xn, ALIGN))
+
+
+@triton.jit
+def _spatial_reduction_forward_kernel(
     x_ptr, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr,
     y_ptr, z_ptr, mean_ptr, rstd_ptr,
     rows, patches_per_image, reduced_width, width, channels, out_channels, sr, eps,
     stride_xb, stride_xn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """BLOCK_M reduced rows: gather patches, GEMM with the [C_out, sr, sr, C] weight
     (fp32 accumulation), + bias, LayerNorm. Writes y, the pre-LN rows z (fp32) and
     the per-row mean and rstd for the backward."""
-    channels = multiple_of(channels, ALIGN)
-    out_channels = multiple_of(out_channels, ALIGN)
-    stride_xb = multiple_of(stride_xb, ALIGN)
-    stride_xn = multiple_of(stride_xn, ALIGN)
+    channels, out_channels, stride_xb, stride_xn = _aligned(channels, out_channels, stride_xb, stride_xn, ALIGN)
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = row < rows
     origin = _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_CO)
     col_ok = cols < out_channels
     k_total = sr * sr * channels
     channel_blocks = tl.cdiv(channels, BLOCK_C)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_CO), dtype=tl.float32)
     for step in range(0, sr * sr * channel_blocks):
         ky, kx, ch = _k_step(step, channel_blocks, sr, BLOCK_C)
         ch_ok = ch < channels
@@ -149,23 +151,23 @@ def _forward_kernel(
 
 
 @triton.jit
-def _layer_norm_backward_kernel(
+def _spatial_reduction_backward_layer_norm_kernel(
     dy_ptr, z_ptr, mean_ptr, rstd_ptr, ln_w_ptr,
     dz_ptr, partial_ptr,
     rows, out_channels, blocks_per_program,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, ALIGN: tl.constexpr,
 ):
     """LayerNorm backward over ``blocks_per_program`` blocks of BLOCK_M rows:
     dz = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = dy * ln_w,
     and this program's sums over its rows of dy * xhat, dy and dz, stored as
     partials [3, programs, C_out] (d ln_weight, d ln_bias, d bias)."""
     out_channels = multiple_of(out_channels, ALIGN)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_CO)
     col_ok = cols < out_channels
     ln_w = tl.load(ln_w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    sum_dy_xhat = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_dy = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    sum_dz = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sum_dy_xhat = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    sum_dy = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    sum_dz = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     for block in range(0, blocks_per_program):
         row = (tl.program_id(0) * blocks_per_program + block) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = row < rows
@@ -194,11 +196,11 @@ def _layer_norm_backward_kernel(
 
 
 @triton.jit
-def _input_grad_kernel(
+def _spatial_reduction_backward_dx_kernel(
     dz_ptr, w_ptr, dx_ptr,
     covering_patches, height, width, channels, out_channels, sr,
     reduced_height, reduced_width, covering_height, covering_width,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """dx at patch cell (ky, kx), BLOCK_C channels, for BLOCK_M patches of the
@@ -223,8 +225,8 @@ def _input_grad_kernel(
     k_total = sr * sr * channels
 
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for start in range(0, out_channels, BLOCK_K):
-        n = start + tl.arange(0, BLOCK_K)
+    for start in range(0, out_channels, BLOCK_CO):
+        n = start + tl.arange(0, BLOCK_CO)
         n_ok = n < out_channels
         dz = tl.load(
             dz_ptr + row[:, None] * out_channels + n[None, :], mask=reduced[:, None] & n_ok[None, :], other=0.0
@@ -242,19 +244,16 @@ def _input_grad_kernel(
 
 
 @triton.jit
-def _weight_grad_kernel(
+def _spatial_reduction_backward_weight_kernel(
     x_ptr, dz_ptr, partial_ptr,
     rows, rows_per_split, patches_per_image, reduced_width, width, channels, out_channels, sr,
     stride_xb, stride_xn,
-    BLOCK_CO: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One [BLOCK_CO, BLOCK_C] tile of dW (in the [C_out, sr, sr, C] layout) summed
     over one split of the rows: dz^T @ patches, written to that split's fp32 partial."""
-    channels = multiple_of(channels, ALIGN)
-    out_channels = multiple_of(out_channels, ALIGN)
-    stride_xb = multiple_of(stride_xb, ALIGN)
-    stride_xn = multiple_of(stride_xn, ALIGN)
+    channels, out_channels, stride_xb, stride_xn = _aligned(channels, out_channels, stride_xb, stride_xn, ALIGN)
     co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_ok = co < out_channels
     channel_blocks = tl.cdiv(channels, BLOCK_C)
@@ -264,8 +263,8 @@ def _weight_grad_kernel(
     cell_offset = (ky * width + kx) * stride_xn
 
     acc = tl.zeros((BLOCK_CO, BLOCK_C), dtype=tl.float32)
-    for start in range(0, rows_per_split, BLOCK_R):
-        row = split * rows_per_split + start + tl.arange(0, BLOCK_R)
+    for start in range(0, rows_per_split, BLOCK_M):
+        row = split * rows_per_split + start + tl.arange(0, BLOCK_M)
         row_ok = row < rows
         origin = _patch_origin(row, patches_per_image, reduced_width, width, sr, stride_xb, stride_xn)
         patch = tl.load(
@@ -287,7 +286,15 @@ def _weight_grad_kernel(
     )
 
 
-# ---------------------------------------------------------------- launch configurations
+KERNELS = {
+    "forward": _spatial_reduction_forward_kernel,
+    "backward_layer_norm": _spatial_reduction_backward_layer_norm_kernel,
+    "backward_dx": _spatial_reduction_backward_dx_kernel,
+    "backward_weight": _spatial_reduction_backward_weight_kernel,
+}
+
+
+# --------------------------------------------------------------------------- launch configurations
 
 
 def _channel_block(channels: int, limit: int) -> int:
@@ -299,32 +306,44 @@ def _channel_block(channels: int, limit: int) -> int:
     return max(16, min(limit, triton.next_power_of_2(channels)))
 
 
-# Exact fp32 dots ("ieee") run on the FMA units with both operands in registers:
-# their tiles are halved (rows and K step of the forward and of dx, the row step of
-# dW) so they compile without spills like the tensor-core ones.
+def tile(kernel: str, out_channels: int, channels: int, dtype: torch.dtype, input_precision: str) -> Tile:
+    """The launch config of ``kernel`` for C input and C_out output channels. Exact fp32
+    dots ("ieee") run on the FMA units with both operands in registers: their tiles are
+    halved (rows and C_out step of the forward and of dx, the row step of dW) so they
+    compile without spills like the tensor-core ones."""
+    exact = input_precision == "ieee"
+    if kernel == "forward":
+        # Whole rows of C_out (BLOCK_CO = next_pow2(C_out)) for the LayerNorm. BLOCK_M
+        # shrinks as C_out grows so that the fp32 [BLOCK_M, BLOCK_CO] accumulator takes at
+        # most 64 registers a thread (32 up to C_out = 256; the epilogue keeps about three
+        # such tiles live), and BLOCK_C shrinks to keep a weight tile [BLOCK_C, BLOCK_CO]
+        # within 32 KB of shared memory per pipeline stage.
+        block_co = max(16, triton.next_power_of_2(out_channels))
+        num_warps = 4 if block_co <= 64 else 8
+        block_m = max(16, min(64, 64 * 32 * num_warps // block_co) // (2 if exact else 1))
+        limit = max(16, min(32 if exact else 64, 32768 // (block_co * dtype.itemsize)))
+        return Tile.of(BLOCK_M=block_m, BLOCK_CO=block_co, BLOCK_C=_channel_block(channels, limit),
+                       num_warps=num_warps, num_stages=3)
+    if kernel == "backward_layer_norm":
+        # Whole rows again, about five fp32 tiles live: 16 registers a thread per tile,
+        # which leaves room for several programs per SM (the kernel is memory-bound).
+        block_co = triton.next_power_of_2(out_channels)
+        return Tile.of(BLOCK_M=max(1, min(64, 2048 // block_co)), BLOCK_CO=block_co, num_warps=4, num_stages=1)
+    block_c = _channel_block(channels, 64)
+    if kernel == "backward_dx":
+        # dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_CO of C_out a step.
+        # BLOCK_CO is at most BLOCK_C: a narrow channel block (32 for C = 160) with
+        # 64-wide steps spilled for fp32 on sm_80 under triton 3.6, while the 32 x 32 step
+        # is the tile C = 32 uses, which compiles without spills for every dtype and both
+        # archs.
+        block_co = max(16, min(32 if exact else 64, block_c, triton.next_power_of_2(out_channels)))
+        return Tile.of(BLOCK_M=32 if exact else 64, BLOCK_CO=block_co, BLOCK_C=block_c, num_warps=4, num_stages=3)
+    # dW = dz^T @ patches: [BLOCK_CO, BLOCK_C] per program, BLOCK_M rows a step.
+    block_co = max(16, min(64, triton.next_power_of_2(out_channels)))
+    return Tile.of(BLOCK_CO=block_co, BLOCK_M=32 if exact else 64, BLOCK_C=block_c, num_warps=4, num_stages=3)
 
 
-def _forward_config(out_channels: int, channels: int, element_size: int, exact_fp32: bool = False) -> dict:
-    """The forward holds whole rows of C_out (BLOCK_N = next_pow2(C_out)) for the
-    LayerNorm. BLOCK_M shrinks as C_out grows so that the fp32 [BLOCK_M, BLOCK_N]
-    accumulator takes at most 64 registers a thread (32 up to C_out = 256; the
-    epilogue keeps about three such tiles live), and BLOCK_C shrinks to keep a
-    weight tile [BLOCK_C, BLOCK_N] within 32 KB of shared memory per pipeline stage."""
-    block_n = max(16, triton.next_power_of_2(out_channels))
-    num_warps = 4 if block_n <= 64 else 8
-    block_m = max(16, min(64, 64 * 32 * num_warps // block_n) // (2 if exact_fp32 else 1))
-    block_c = _channel_block(channels, max(16, min(32 if exact_fp32 else 64, 32768 // (block_n * element_size))))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_C": block_c, "num_warps": num_warps, "num_stages": 3}
-
-
-def _layer_norm_backward_config(out_channels: int) -> dict:
-    """Whole rows again, about five fp32 tiles live: 16 registers a thread per tile,
-    which leaves room for several programs per SM (the kernel is memory-bound)."""
-    block_n = triton.next_power_of_2(out_channels)
-    return {"BLOCK_M": max(1, min(64, 2048 // block_n)), "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
-
-
-def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
+def layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
     """(programs, blocks_per_program): about LAYER_NORM_BACKWARD_PROGRAMS programs,
     each over consecutive row blocks, so the partial sums stay few."""
     row_blocks = triton.cdiv(rows, block_m)
@@ -332,42 +351,17 @@ def _layer_norm_backward_grid(rows: int, block_m: int) -> tuple[int, int]:
     return triton.cdiv(row_blocks, blocks_per_program), blocks_per_program
 
 
-def _input_grad_config(out_channels: int, channels: int, exact_fp32: bool = False) -> dict:
-    """Tiles of dx = dz @ W: [BLOCK_M patches, BLOCK_C channels], BLOCK_K of C_out a step.
-    BLOCK_K is at most BLOCK_C: a narrow channel block (32 for C = 160) with 64-wide K
-    steps spilled for fp32 on sm_80 under triton 3.6, while the 32 x 32 step is the
-    tile C = 32 uses, which compiles without spills for every dtype and both archs."""
-    block_c = _channel_block(channels, 64)
-    block_k = max(16, min(32 if exact_fp32 else 64, block_c, triton.next_power_of_2(out_channels)))
-    return {"BLOCK_M": 32 if exact_fp32 else 64, "BLOCK_K": block_k, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
-
-
-def _weight_grad_config(out_channels: int, channels: int, exact_fp32: bool = False) -> dict:
-    """Tiles of dW = dz^T @ patches: [BLOCK_CO, BLOCK_C] per program, BLOCK_R rows a step."""
-    block_co = max(16, min(64, triton.next_power_of_2(out_channels)))
-    block_c = _channel_block(channels, 64)
-    return {"BLOCK_CO": block_co, "BLOCK_R": 32 if exact_fp32 else 64, "BLOCK_C": block_c, "num_warps": 4, "num_stages": 3}
-
-
-def _weight_grad_split(rows: int, tiles: int, block_r: int, out_channels: int) -> tuple[int, int]:
-    """(splits, rows_per_split), rows_per_split a multiple of BLOCK_R, for the
+def weight_grad_split(rows: int, tiles: int, block_m: int, out_channels: int) -> tuple[int, int]:
+    """(splits, rows_per_split), rows_per_split a multiple of BLOCK_M, for the
     weight-gradient reduction over ``rows`` by ``tiles`` tiles of dW. Depends on
     the shape only, so the summation order (and the result) is fixed."""
-    shortest = max(block_r, SPLIT_ROWS_PER_OUT_CHANNEL * out_channels)
+    shortest = max(block_m, SPLIT_ROWS_PER_OUT_CHANNEL * out_channels)
     splits = max(1, min(triton.cdiv(WEIGHT_GRAD_TARGET_PROGRAMS, tiles), rows // shortest))
-    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
+    rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     return triton.cdiv(rows, rows_per_split), rows_per_split
 
 
-def _launch_options(config: dict) -> dict:
-    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
-
-
-def _blocks(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k.startswith("BLOCK_")}
-
-
-# ---------------------------------------------------------------- launchers
+# --------------------------------------------------------------------------- launchers
 
 
 def _channels_contiguous(x: Tensor) -> Tensor:
@@ -387,7 +381,7 @@ def _weight_by_cell(weight: Tensor) -> Tensor:
 
 
 def launch_forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor, ln_weight: Tensor,
-             ln_bias: Tensor, eps: float, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   ln_bias: Tensor, eps: float, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> y [B, M, C_out] (x's dtype), z [B*M, C_out] (pre-LayerNorm, fp32), mean and rstd [B*M] (fp32)."""
     x = _channels_contiguous(x)
     batch, _, channels = x.shape
@@ -396,25 +390,24 @@ def launch_forward(x: Tensor, hw: tuple[int, int], weight: Tensor, bias: Tensor,
     reduced_width = width // sr
     patches = (height // sr) * reduced_width
     rows = batch * patches
-    config = _forward_config(out_channels, channels, x.element_size(), input_precision == "ieee")
+    config = tile("forward", out_channels, channels, x.dtype, input_precision)
 
     y = x.new_empty(batch, patches, out_channels)
     z = torch.empty(rows, out_channels, device=x.device, dtype=torch.float32)
     mean = torch.empty(rows, device=x.device, dtype=torch.float32)
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-    _forward_kernel[(triton.cdiv(rows, config["BLOCK_M"]),)](
-        x, _weight_by_cell(weight), bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
-        y, z, mean, rstd,
-        rows, patches, reduced_width, width, channels, out_channels, sr, eps,
-        x.stride(0), x.stride(1),
-        **_blocks(config), ALIGN=alignment(channels, out_channels, x.stride(0), x.stride(1)),
-        INPUT_PRECISION=input_precision, **_launch_options(config),
+    args = (
+        x, _weight_by_cell(weight), bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(), y, z, mean, rstd,
+        rows, patches, reduced_width, width, channels, out_channels, sr, eps, x.stride(0), x.stride(1),
     )
+    constexprs = {"ALIGN": alignment(channels, out_channels, x.stride(0), x.stride(1)),
+                  "INPUT_PRECISION": input_precision}
+    launch_tile(KERNELS["forward"], (triton.cdiv(rows, config["BLOCK_M"]),), args, constexprs, config)
     return y, z, mean, rstd
 
 
 def launch_backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, ln_weight: Tensor, z: Tensor,
-              mean: Tensor, rstd: Tensor, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    mean: Tensor, rstd: Tensor, input_precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> grads of (x, weight, bias, ln_weight, ln_bias)."""
     x = _channels_contiguous(x)
     # dy has only M = N/sr^2 rows: an upstream gradient in another layout (an
@@ -427,48 +420,47 @@ def launch_backward(dy: Tensor, x: Tensor, hw: tuple[int, int], weight: Tensor, 
     rows = batch * reduced_height * reduced_width
     f32 = {"device": x.device, "dtype": torch.float32}
 
-    config = _layer_norm_backward_config(out_channels)
-    programs, blocks_per_program = _layer_norm_backward_grid(rows, config["BLOCK_M"])
+    def config(kernel: str) -> Tile:
+        return tile(kernel, out_channels, channels, x.dtype, input_precision)
+
+    ln_config = config("backward_layer_norm")
+    programs, blocks_per_program = layer_norm_backward_grid(rows, ln_config["BLOCK_M"])
     dz = x.new_empty(rows, out_channels)
     param_partials = torch.empty(3, programs, out_channels, **f32)
-    _layer_norm_backward_kernel[(programs,)](
-        dy, z, mean, rstd, ln_weight.contiguous(), dz, param_partials,
-        rows, out_channels, blocks_per_program,
-        **_blocks(config), ALIGN=alignment(out_channels), **_launch_options(config),
-    )
+    args = (dy, z, mean, rstd, ln_weight.contiguous(), dz, param_partials, rows, out_channels, blocks_per_program)
+    launch_tile(KERNELS["backward_layer_norm"], (programs,), args, {"ALIGN": alignment(out_channels)}, ln_config)
 
-    config = _input_grad_config(out_channels, channels, input_precision == "ieee")
+    dx_config = config("backward_dx")
     covering_height, covering_width = triton.cdiv(height, sr), triton.cdiv(width, sr)
     covering_patches = batch * covering_height * covering_width
     dx = torch.empty(batch, height * width, channels, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(covering_patches, config["BLOCK_M"]), sr * sr * triton.cdiv(channels, config["BLOCK_C"]))
-    _input_grad_kernel[grid](
-        dz, _weight_by_cell(weight), dx,
-        covering_patches, height, width, channels, out_channels, sr,
+    grid = (triton.cdiv(covering_patches, dx_config["BLOCK_M"]), sr * sr * triton.cdiv(channels, dx_config["BLOCK_C"]))
+    args = (
+        dz, _weight_by_cell(weight), dx, covering_patches, height, width, channels, out_channels, sr,
         reduced_height, reduced_width, covering_height, covering_width,
-        **_blocks(config), ALIGN=alignment(channels, out_channels),
-        INPUT_PRECISION=input_precision, **_launch_options(config),
     )
+    constexprs = {"ALIGN": alignment(channels, out_channels), "INPUT_PRECISION": input_precision}
+    launch_tile(KERNELS["backward_dx"], grid, args, constexprs, dx_config)
 
-    config = _weight_grad_config(out_channels, channels, input_precision == "ieee")
-    grid_co = triton.cdiv(out_channels, config["BLOCK_CO"])
-    grid_k = sr * sr * triton.cdiv(channels, config["BLOCK_C"])
-    splits, rows_per_split = _weight_grad_split(rows, grid_co * grid_k, config["BLOCK_R"], out_channels)
+    weight_config = config("backward_weight")
+    grid_co = triton.cdiv(out_channels, weight_config["BLOCK_CO"])
+    grid_k = sr * sr * triton.cdiv(channels, weight_config["BLOCK_C"])
+    splits, rows_per_split = weight_grad_split(rows, grid_co * grid_k, weight_config["BLOCK_M"], out_channels)
     weight_partials = torch.empty(splits, out_channels, sr, sr, channels, **f32)
-    _weight_grad_kernel[(grid_co, grid_k, splits)](
-        x, dz, weight_partials,
-        rows, rows_per_split, reduced_height * reduced_width, reduced_width, width, channels, out_channels, sr,
-        x.stride(0), x.stride(1),
-        **_blocks(config), ALIGN=alignment(channels, out_channels, x.stride(0), x.stride(1)),
-        INPUT_PRECISION=input_precision, **_launch_options(config),
+    args = (
+        x, dz, weight_partials, rows, rows_per_split, reduced_height * reduced_width, reduced_width, width, channels,
+        out_channels, sr, x.stride(0), x.stride(1),
     )
+    constexprs = {"ALIGN": alignment(channels, out_channels, x.stride(0), x.stride(1)),
+                  "INPUT_PRECISION": input_precision}
+    launch_tile(KERNELS["backward_weight"], (grid_co, grid_k, splits), args, constexprs, weight_config)
 
     d_weight = weight_partials.sum(0).permute(0, 3, 1, 2).to(weight.dtype, memory_format=torch.contiguous_format)
     d_ln_weight, d_ln_bias, d_bias = (partial.sum(0).to(weight.dtype) for partial in param_partials)
     return dx, d_weight, d_bias, d_ln_weight, d_ln_bias
 
 
-# ---------------------------------------------------------------- autograd op
+# --------------------------------------------------------------------------- autograd op
 
 
 @torch.library.custom_op("segformer::spatial_reduction", mutates_args=())
@@ -540,7 +532,7 @@ def _backward_formula(ctx, dy, _dz, _dmean, _drstd):
 _spatial_reduction_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
-# ---------------------------------------------------------------- function
+# --------------------------------------------------------------------------- public function
 
 
 def spatial_reduction(
@@ -556,44 +548,25 @@ def spatial_reduction(
     return _spatial_reduction_op(x, hw, weight, bias, ln_weight, ln_bias, eps, input_precision)[0]
 
 
-# ---------------------------------------------------------------- compile targets
+# --------------------------------------------------------------------------- compile targets
 
 _FP32_BUFFERS = {"z_ptr", "mean_ptr", "rstd_ptr", "partial_ptr"}
 
 
-def compile_targets() -> list[CompileTarget]:
+def _launches():
     """Every (kernel, config, dtype) the launchers pick for the variants' SR stages
     (C_out = C). sr is a runtime argument: it changes loop trip counts, not the
     compiled code. ALIGN is 16, as for every C the variants use; fp32 dots come in
     both precisions (resolve_input_precision picks "ieee" under torch's default)."""
-    targets = {}
-    for dtype, element_type in TRITON_DTYPES.items():
-        for precision in INPUT_PRECISIONS if dtype == torch.float32 else ("tf32",):
-            exact = precision == "ieee"
-            for channels, sr in VARIANT_CHANNELS.items():
-                for name, kernel, config in (
-                    ("spatial_reduction_forward", _forward_kernel,
-                     _forward_config(channels, channels, dtype.itemsize, exact)),
-                    ("spatial_reduction_layer_norm_backward", _layer_norm_backward_kernel,
-                     _layer_norm_backward_config(channels)),
-                    ("spatial_reduction_input_grad", _input_grad_kernel, _input_grad_config(channels, channels, exact)),
-                    ("spatial_reduction_weight_grad", _weight_grad_kernel,
-                     _weight_grad_config(channels, channels, exact)),
-                ):
-                    described = " ".join(f"{key}={value}" for key, value in config.items())
-                    has_dot = "INPUT_PRECISION" in kernel.arg_names
-                    key = (name, element_type, described, precision if has_dot else "")
-                    if key in targets:  # another C or precision compiles the same code
-                        continue
-                    constexprs = {**_blocks(config), "ALIGN": 16}
-                    if has_dot:
-                        constexprs["INPUT_PRECISION"] = precision
-                    targets[key] = CompileTarget(
-                        name=name,
-                        kernel=kernel,
-                        signature=kernel_signature(kernel, dtype, fp32_pointers=_FP32_BUFFERS, floats={"eps"}),
-                        constexprs=constexprs,
-                        **_launch_options(config),
-                        config=f"C={channels} (sr={sr}) {element_type} {described}" + (" ieee" if has_dot and exact else ""),
-                    )
-    return list(targets.values())
+    for (dtype, precision), (channels, sr), kernel in itertools.product(
+        DTYPE_PRECISIONS, VARIANT_CHANNELS.items(), KERNELS
+    ):
+        constexprs = {"ALIGN": 16}
+        if "INPUT_PRECISION" in KERNELS[kernel].arg_names:
+            constexprs["INPUT_PRECISION"] = precision
+        yield Launch(kernel, dtype, tile(kernel, channels, channels, dtype, precision), constexprs,
+                     shape=f"C={channels} (sr={sr})")
+
+
+def compile_targets() -> list[CompileTarget]:
+    return build_targets("spatial_reduction", KERNELS, _launches(), fp32_pointers=_FP32_BUFFERS, floats={"eps"})
