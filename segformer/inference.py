@@ -109,7 +109,7 @@ def as_rgb_array(image) -> np.ndarray:
             raise ValueError(f"images: an array must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
         return image
     if type(image).__module__.startswith("PIL."):
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # writable: torch takes it without a copy or a warning
     raise TypeError(f"images: expected PIL images, uint8 [H, W, 3] arrays, file paths or a float tensor "
                     f"[B, 3, H, W], got {type(image).__name__}")
 
