@@ -21,7 +21,7 @@ decoded arrays (``augment``: segformer.transforms.TrainTransform alone) or from 
 (``read+augment``: JPEG and PNG decoding and the label mapping, as
 segformer.data.FileDataset reads a training sample, then the transform), up to the uint8
 crop a worker hands over (the normalisation runs on the training device: it is
-segformer.transforms.normalize_pixels in the training step); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
+segformer.transforms.finish_batch in the training step); and the rate N such workers sustain (``workers-N`` rows: N x the per-worker
 rate, with the training steps per second that feeds at batch 8 in the shape). Rates come
 from wall time; the one-worker rows also give the rate from the process's CPU time
 (``shape.cpu_images_per_s``), what a worker with a core to itself delivers on a machine
@@ -203,34 +203,45 @@ def pipeline_samples(folder: Path, source: tuple[int, int], count: int = 8) -> l
     return pairs
 
 
-def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float) -> dict[str, float]:
-    """Images/s of one single-threaded worker: transform alone, and reading + transform."""
+def pipeline_rate(source: tuple[int, int], crop: tuple[int, int], seconds: float,
+                  device: torch.device) -> dict[str, tuple[float, float | None]]:
+    """Images/s (wall time, and from the process's CPU time) of one single-threaded worker:
+    the transform alone, reading + transform, reading + transform with the photometric
+    distortion left to the device; and of the device step that then finishes a batch."""
     from segformer.data import SYNTHETIC_CLASSES, FileDataset
-    from segformer.transforms import TrainTransform
+    from segformer.transforms import TrainTransform, finish_batch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        transform = TrainTransform(crop)
+        in_worker, on_device = TrainTransform(crop), TrainTransform(crop, colour_on_device=True)
         with tempfile.TemporaryDirectory() as folder:
             files = FileDataset("folder", "train", pipeline_samples(Path(folder), source), SYNTHETIC_CLASSES)
             decoded = [files[index] for index in range(len(files))]
+            batch = [on_device(*decoded[n % len(decoded)], np.random.default_rng([0, 0, n])) for n in range(TRAIN_BATCH)]
+            pixels, photometric = (torch.stack([sample[i] for sample in batch]).to(device) for i in (0, 2))
 
-            def augment(n):
-                picture, label = decoded[n % len(decoded)]
-                transform(picture, label, np.random.default_rng([0, 0, n]))
+            def finish(_):
+                finish_batch(pixels, photometric)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
 
-            def read_and_augment(n):
-                transform(*files[n % len(files)], np.random.default_rng([0, 0, n]))
-
+            steps = {
+                "augment": lambda n: in_worker(*decoded[n % len(decoded)], np.random.default_rng([0, 0, n])),
+                "read+augment": lambda n: in_worker(*files[n % len(files)], np.random.default_rng([0, 0, n])),
+                "read+augment-colour-on-device": lambda n: on_device(*files[n % len(files)], np.random.default_rng([0, 0, n])),
+                "finish-batch-on-device": finish,
+            }
             rates = {}
-            for mode, step in (("augment", augment), ("read+augment", read_and_augment)):
+            for mode, step in steps.items():
+                images = TRAIN_BATCH if mode.startswith("finish-batch") else 1
                 step(0)
                 count, started, cpu_started = 0, time.perf_counter(), time.process_time()
                 while count < 20 or time.perf_counter() - started < seconds:
                     step(count)
                     count += 1
-                rates[mode] = (count / (time.perf_counter() - started), count / (time.process_time() - cpu_started))
+                cpu_rate = images * count / (time.process_time() - cpu_started) if device.type == "cpu" else None
+                rates[mode] = (images * count / (time.perf_counter() - started), cpu_rate)
             return rates
     finally:
         torch.set_num_threads(threads)
@@ -245,7 +256,8 @@ def pipeline_items(smoke: bool) -> list[Item]:
     """The pipeline rows as an item of the main suite: on a GPU machine they sit beside the
     training step they have to feed."""
     _, _, case = pipeline_case(smoke)
-    modes = ("augment", "read+augment", *(f"workers-{n}" for n in WORKERS))
+    modes = ("augment", "read+augment", "read+augment-colour-on-device", "finish-batch-on-device",
+             *(f"workers-{n}" for n in WORKERS))
     return [Item(suite="pipeline", op="train-transform", case=case, provider="ours", modes=modes, priority=PRIORITY_E2E,
                  est_s=0.0 if smoke else 30.0, dtype="uint8", batch=1,
                  run=lambda ctx: pipeline_rows(ctx, smoke))]
@@ -253,22 +265,29 @@ def pipeline_items(smoke: bool) -> list[Item]:
 
 def pipeline_rows(ctx: Context, smoke: bool, log=None) -> list[dict]:
     source, crop, case = pipeline_case(smoke)
-    rates = pipeline_rate(source, crop, seconds=0.2 if smoke else 10.0)
+    rates = pipeline_rate(source, crop, seconds=0.2 if smoke else 10.0, device=ctx.device)
     rows = []
     for mode, (rate, cpu_rate) in rates.items():
+        device_step = mode.startswith("finish-batch")
+        note = (f"the training device ({ctx.device.type}) finishing a uint8 batch of {TRAIN_BATCH}: photometric "
+                "distortion, normalisation" if device_step else
+                "one worker, one thread; images_per_s from wall time, cpu_images_per_s from the process's CPU time "
+                "(what a worker with a core to itself delivers)")
         rows.append(make_row(ctx, suite="pipeline", op="train-transform", case=case, provider="ours", mode=mode,
-                             dtype="uint8", batch=1,
-                             shape={"source": list(source), "crop": list(crop), "workers": 1, "cpu_images_per_s": cpu_rate},
-                             note="one worker, one thread; images_per_s from wall time, cpu_images_per_s from the "
-                                  "process's CPU time (what a worker with a core to itself delivers)",
-                             images_per_s=rate, ms_p50=1e3 / rate))
+                             dtype="uint8", batch=TRAIN_BATCH if device_step else 1,
+                             shape={"source": list(source), "crop": list(crop), "workers": 0 if device_step else 1,
+                                    "cpu_images_per_s": cpu_rate},
+                             note=note, images_per_s=rate, ms_p50=1e3 / rate))
+    # the trainer's default: the distortion in the workers on the CPU, on the device on GPUs
+    worker_mode = "read+augment-colour-on-device" if ctx.device.type == "cuda" else "read+augment"
     for workers in WORKERS:
-        rate = workers * rates["read+augment"][0]
+        rate = workers * rates[worker_mode][0]
         rows.append(make_row(ctx, suite="pipeline", op="train-transform", case=case, provider="ours",
                              mode=f"workers-{workers}", dtype="uint8", batch=TRAIN_BATCH,
                              shape={"source": list(source), "crop": list(crop), "workers": workers,
                                     "train_steps_per_s": rate / TRAIN_BATCH},
-                             note=f"{workers} x the one-worker read+augment rate (workers run in parallel on their own cores)",
+                             note=f"{workers} x the one-worker {worker_mode} rate (the trainer's default here; workers "
+                                  "run in parallel on their own cores)",
                              images_per_s=rate))
     for row in rows:
         if log is not None:

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (custom ops included)")
     train.add_argument("--sync-bn", action="store_true", default=None, dest="sync_bn",
                        help="SyncBatchNorm in the decode head (torchrun on GPUs; elsewhere a note and plain BatchNorm)")
+    train.add_argument("--colour-on-device", action=argparse.BooleanOptionalAction, default=None,
+                       help="apply the photometric distortion batched on the training device instead of in the "
+                            "data-loading workers (default: on GPUs)")
     _add_runtime(train)
 
     evaluate = commands.add_parser("eval", help="mIoU / mAcc / aAcc and per-class IoU of a model on a dataset")
@@ -150,7 +153,7 @@ def run_train(args) -> int:
     settings = _given(args, ("model", "init", "data", "num_classes", "batch_size", "steps", "lr", "weight_decay",
                              "warmup_steps", "grad_accum", "drop_path_rate", "seed", "save_every", "val_every",
                              "log_every", "workers", "synthetic_size", "out", "kernels", "precision", "device",
-                             "max_bad_steps", "compile", "sync_bn"))
+                             "max_bad_steps", "compile", "sync_bn", "colour_on_device"))
     if args.crop_size is not None:
         settings["crop_size"] = _size(args.crop_size)
     if args.no_progress:

@@ -37,7 +37,7 @@ from .data import DataError, SegmentationDataset, check_datasets, has_split, ope
 from .evaluate import RUN_INFO, evaluate
 from .metrics import format_table, json_safe
 from .runtime import autocast, init_process_group, process_device, progress_bar, resolve_precision
-from .transforms import TrainTransform, normalize_pixels
+from .transforms import TrainTransform, finish_batch
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE = "training_state.pt"
@@ -90,6 +90,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop after this many consecutive steps with a non-finite loss
     compile: bool = False  # torch.compile the model (the custom ops included, one graph)
     sync_bn: bool = False  # SyncBatchNorm in the decode head under torchrun on GPUs
+    colour_on_device: bool | None = None  # photometric distortion batched on the device; default on GPUs
 
     def __post_init__(self):
         if self.crop_size is not None:
@@ -218,7 +219,7 @@ def _collate(samples):
     for sample in samples:
         if isinstance(sample, SampleError):
             return sample
-    return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
+    return tuple(torch.stack(items) for items in zip(*samples))
 
 
 # ---- optimisation -----------------------------------------------------------------------------
@@ -274,6 +275,7 @@ class Trainer:
             config, precision=resolve_precision(config.precision, self.device), steps=steps,
             crop_size=config.crop_size or tuple(self.train_set.default_crop_size),
             warmup_steps=min(1500, steps // 10) if config.warmup_steps is None else config.warmup_steps,
+            colour_on_device=self.device.type == "cuda" if config.colour_on_device is None else config.colour_on_device,
         )
         self.precision = config.precision
         self.start_step = 0 if self.resume_state is None else int(self.resume_state["step"])
@@ -314,7 +316,8 @@ class Trainer:
             self._restore(self.resume_state)
 
         self.stream = SampleStream(len(self.train_set), config.seed, self.group.rank, self.group.world_size)
-        self.samples = AugmentedSamples(self.train_set, TrainTransform(config.crop_size), config.seed)
+        self.samples = AugmentedSamples(self.train_set, TrainTransform(config.crop_size, colour_on_device=config.colour_on_device),
+                                        config.seed)
 
     def _check_run_dir(self) -> None:
         """Refuse a folder that holds another run unless overwriting (resuming continues the run
@@ -400,7 +403,7 @@ class Trainer:
         start = step * config.grad_accum * config.batch_size
         return [self.stream.keys(start + m * config.batch_size, config.batch_size) for m in range(config.grad_accum)]
 
-    def load_batch(self, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    def load_batch(self, keys) -> tuple[torch.Tensor, ...]:
         return _collate([self.samples[key] for key in keys])
 
     def _loader(self):
@@ -426,9 +429,10 @@ class Trainer:
         """Accumulate the gradients of the mean loss over the micro-batches (under DDP, averaged
         over ranks too); returns this rank's per-micro-batch losses (fp32, detached)."""
         losses = []
-        for m, (images, labels) in enumerate(micro_batches):
-            # the loader's uint8 pixels and labels are normalised and widened here, on the device
-            images = normalize_pixels(images.to(self.device, non_blocking=True))
+        for m, (images, labels, *photometric) in enumerate(micro_batches):
+            # the loader's uint8 pixels and labels are finished (colours, normalisation) and widened here, on the device
+            photometric = photometric[0].to(self.device, non_blocking=True) if photometric else None
+            images = finish_batch(images.to(self.device, non_blocking=True), photometric)
             labels = labels.to(self.device, non_blocking=True).long()
             last = m == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not self.group.distributed else self.ddp_model.no_sync()

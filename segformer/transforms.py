@@ -18,8 +18,9 @@ and the resized crop: brightness, contrast and the colour changes (HSV saturatio
 hue, elementwise over the channel planes) in float, only when drawn, rounded back to
 uint8 once. A sample leaves the worker as
 uint8 pixels (padded with the mean colour) and uint8 labels where the class ids fit;
-``normalize_pixels`` is the last step, on the training device, so a quarter of the bytes
-cross the worker queue and the host-to-device copy. The crop search and the label crop
+``finish_batch`` is the last step, on the training device, so a quarter of the bytes
+cross the worker queue and the host-to-device copy; with ``colour_on_device`` (the
+trainer's default on GPUs) the photometric distortion moves into it as well, batched. The crop search and the label crop
 read the label as uint8 when its values fit.
 
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
@@ -161,49 +162,65 @@ class Photometric:
         return cls(brightness, contrast, contrast_first, saturation if change_saturation else None,
                    hue if change_hue else None)
 
+    def as_tensor(self, crop_hw: tuple[int, int]) -> torch.Tensor:
+        """float32 [7]: brightness, first contrast, saturation, hue, last contrast (a distortion
+        that is off as its identity: 0, 1, 1, 0, 1), then the crop's height and width, which
+        ``distort_batch`` keeps the padding outside of."""
+        first, last = (self.contrast, None) if self.contrast_first else (None, self.contrast)
+        identity_or = lambda value, identity: identity if value is None else value  # noqa: E731
+        return torch.tensor([identity_or(self.brightness, 0.0), identity_or(first, 1.0), identity_or(self.saturation, 1.0),
+                             identity_or(self.hue, 0.0), identity_or(last, 1.0), *crop_hw], dtype=torch.float32)
+
 
 # the hue (in sixths of the circle) at which each of R, G, B is the smallest channel; in HSV -> RGB
 # a channel is V - C * clamp(2 - its circular distance to that hue, 0, 1)
 _LOWEST_AT_HUE = torch.tensor([3.0, 5.0, 1.0]).view(3, 1, 1)
 
 
-def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | None, hue: int | None) -> torch.Tensor:
+def saturate_and_rotate_hue(rgb: torch.Tensor, saturation: float | torch.Tensor | None,
+                            hue: int | torch.Tensor | None) -> torch.Tensor:
     """HSV saturation times ``saturation`` (clipped to 1) and hue plus ``hue`` (OpenCV units,
-    180 a full turn) on float RGB [3, H, W] in 0..255, without materialising HSV: hue in
+    180 a full turn) on float RGB [..., 3, H, W] in 0..255, without materialising HSV: hue in
     sixths from the largest channel, chroma C = V - min scaled and capped at V. Elementwise
-    over the three channel planes only (no reductions or gathers across channels)."""
-    red, green, blue = rgb
+    over the three channel planes only (no reductions or gathers across channels). The
+    parameters are numbers, or per-sample tensors [B, 1, 1] for a batch [B, 3, H, W]."""
+    red, green, blue = rgb.unbind(-3)
     value = torch.maximum(torch.maximum(red, green), blue)
     chroma = value - torch.minimum(torch.minimum(red, green), blue)
     if hue is None:
         if saturation is None:
             return rgb
         # same hue and value: each channel's distance below V scales with the chroma
-        factor = torch.clamp_max_(value / chroma.clamp(min=1e-12), saturation)
-        return torch.addcmul(value, value - rgb, factor, value=-1.0)
+        factor = torch.clamp_max_(value / chroma.clamp(min=1e-12), saturation).unsqueeze(-3)
+        return torch.addcmul(value.unsqueeze(-3), value.unsqueeze(-3) - rgb, factor, value=-1.0)
     # hue in sixths times C: the channel after the largest minus the one before it (G - B when R
     # is largest) plus 2 C per channel index of the largest
     unless_red = torch.where(green == value, (blue - red).add_(chroma, alpha=2.0), (red - green).add_(chroma, alpha=4.0))
     sixths = torch.where(red == value, green - blue, unless_red).div_(chroma.clamp(min=1e-12)).add_(hue / 30.0)
-    if abs(hue) >= 30:  # below a sixth of a turn the weights below need no wrapping: h stays in (-2, 6)
+    if isinstance(hue, torch.Tensor) or abs(hue) >= 30:  # within a sixth of a turn h stays in (-2, 6): no wrapping
         sixths = sixths.remainder_(6.0)
     if saturation is not None:
         chroma = torch.minimum(chroma * saturation, value)
     # circular distance d = 3 - ||h - lowest| - 3| for |h - lowest| < 6, so 2 - d = ||h - lowest| - 3| - 1;
     # from 6 to 7 (h down to -2, lowest 5) both sides clamp to 1. The channel V - C clamp(2 - d, 0, 1)
     # is (V + C) - C clamp(3 - d, 1, 2): one pass over the three planes fewer
-    weight = (sixths - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
-    return torch.addcmul(value + chroma, chroma, weight, value=-1.0)
+    weight = (sixths.unsqueeze(-3) - _LOWEST_AT_HUE).abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    return torch.addcmul((value + chroma).unsqueeze(-3), chroma.unsqueeze(-3), weight, value=-1.0)
 
 
 class TrainTransform:
     """Raw sample -> (pixels uint8 [3, crop_h, crop_w], label [crop_h, crop_w]) with the
-    SegFormer training augmentation; ``normalize_pixels`` is the last step, run on the
-    training device (uint8 crosses the worker queue and the host-to-device copy)."""
+    SegFormer training augmentation; ``finish_batch`` is the last step, run on the training
+    device (uint8 crosses the worker queue and the host-to-device copy). With
+    ``colour_on_device`` the photometric distortion moves to that last step too: the sample
+    gains a third item, its ``Photometric.as_tensor``, and the worker only decodes, crops,
+    resizes and flips."""
 
     def __init__(self, crop_size: tuple[int, int], scale: tuple[int, int] | None = None, ratio_range=(0.5, 2.0),
-                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True):
+                 cat_max_ratio: float = 0.75, flip_prob: float = 0.5, photometric: bool = True,
+                 colour_on_device: bool = False):
         self.crop_size = tuple(crop_size)
+        self.colour_on_device = colour_on_device
         self.scale = tuple(scale) if scale is not None else base_scale(self.crop_size)
         self.ratio_range = ratio_range
         self.cat_max_ratio = cat_max_ratio
@@ -221,11 +238,11 @@ class TrainTransform:
         photometric = Photometric.draw(rng) if self.photometric else Photometric()
         return Augmentation(size, box, flip, photometric)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
         label = compact_label(label)
         return self.apply(image, label, self.draw(label, rng))
 
-    def apply(self, image: np.ndarray, label: np.ndarray, augmentation: "Augmentation") -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, image: np.ndarray, label: np.ndarray, augmentation: "Augmentation") -> tuple[torch.Tensor, ...]:
         (size, (top, left, crop_h, crop_w), flip, photometric) = augmentation
         height, width = label.shape
         rows, cols = nearest_indices(height, size[0]), nearest_indices(width, size[1])
@@ -236,7 +253,9 @@ class TrainTransform:
         # the photometric distortion is pointwise: it runs on whichever of the source window and
         # the resized crop has fewer pixels (they differ only where bilinear blends two colours)
         window, resize = source_window(image, size, (top, left, crop_h, crop_w))
-        if window.shape[1] * window.shape[2] < crop_h * crop_w:
+        if self.colour_on_device:
+            pixels = resize(window)
+        elif window.shape[1] * window.shape[2] < crop_h * crop_w:
             pixels = resize(distort(window, photometric))
         else:
             pixels = distort(resize(window), photometric)
@@ -245,6 +264,8 @@ class TrainTransform:
         image_out[:, crop_h:] = PAD_PIXEL
         image_out[:, :crop_h, crop_w:] = PAD_PIXEL
         image_out[:, :crop_h, :crop_w] = pixels.flip(-1) if flip else pixels
+        if self.colour_on_device:
+            return image_out, label_out, photometric.as_tensor((crop_h, crop_w))
         return image_out, label_out
 
 
@@ -315,10 +336,27 @@ def distort(pixels: torch.Tensor, photometric: Photometric) -> torch.Tensor:
     return torch.from_numpy(rgb.add_(0.5).numpy().astype(np.uint8))
 
 
-def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
-    """The training pipeline's last step, on the training device: uint8 [B, 3, H, W] ->
+def distort_batch(pixels: torch.Tensor, photometric: torch.Tensor) -> torch.Tensor:
+    """The photometric distortion of a batch on the training device: uint8 [B, 3, H, W] ->
+    float32 in 0..255, each sample by its row of ``photometric`` [B, 7]
+    (``Photometric.as_tensor``); the padding outside each crop keeps its colour. The same
+    steps as ``distort``, without its rounding to uint8."""
+    per_sample = photometric.to(torch.float32).T[:, :, None, None]  # [7, B, 1, 1]: per plane
+    brightness, first, saturation, hue, last, height, width = per_sample
+    rgb = pixels.float()
+    rgb = rgb.add_(brightness[:, None]).clamp_(0.0, 255.0).mul_(first[:, None]).clamp_(0.0, 255.0)
+    rgb = saturate_and_rotate_hue(rgb, saturation, hue).mul_(last[:, None]).clamp_(0.0, 255.0)
+    rows = torch.arange(pixels.shape[-2], device=pixels.device)[:, None]
+    cols = torch.arange(pixels.shape[-1], device=pixels.device)
+    inside = (rows < height) & (cols < width)  # [B, H, W]
+    return torch.where(inside[:, None], rgb, pixels.float())
+
+
+def finish_batch(pixels: torch.Tensor, photometric: torch.Tensor | None = None) -> torch.Tensor:
+    """The training pipeline's last step, on the training device: uint8 [B, 3, H, W] (and the
+    photometric distortions still to apply, when the workers left them to the device) ->
     normalised float32."""
-    return normalize(pixels.float())
+    return normalize(pixels.float() if photometric is None else distort_batch(pixels, photometric))
 
 
 def _source_window(size_in: int, size_out: int, start: int, length: int) -> tuple[int, int]:

@@ -240,7 +240,7 @@ def test_cpu_suite_rows_and_performance_section(tmp_path):
         assert row["status"] == "ok" and row["ms_p50"] > 0 and row["peak_over_start_mb"] is not None
         assert "relative error" in inference["eager"]["note"]
     modes = {r["mode"]: r for r in rows if r["suite"] == "pipeline"}
-    assert {"augment", "read+augment", "workers-4"} <= set(modes)
+    assert {"augment", "read+augment", "read+augment-colour-on-device", "finish-batch-on-device", "workers-4"} <= set(modes)
     assert modes["workers-4"]["images_per_s"] == pytest.approx(4 * modes["read+augment"]["images_per_s"])
     text = write_performance(tmp_path / "results", tmp_path / "PERFORMANCE.md").read_text()
     assert "Nothing has been measured on a GPU yet" in text

@@ -33,10 +33,13 @@ def test_loss_goes_down(tmp_path):
     assert (tmp_path / "training.png").is_file() and (tmp_path / "eval.json").is_file()
 
 
-def test_resume_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("colour_on_device", [False, True], ids=["colour-in-workers", "colour-on-device"])
+def test_resume_gives_the_same_weights(tmp_path, colour_on_device):
     """6 steps straight vs 3 steps, checkpoint, resume for 3: bitwise equal weights and losses
-    (drop path and dropout on, gradient accumulation 2, augmentation random)."""
-    settings = dict(TINY, steps=6, lr=3e-4, warmup_steps=2, grad_accum=2, log_every=1, save_every=3)
+    (drop path and dropout on, gradient accumulation 2, augmentation random; the photometric
+    distortion in the workers or batched on the device)."""
+    settings = dict(TINY, steps=6, lr=3e-4, warmup_steps=2, grad_accum=2, log_every=1, save_every=3,
+                    colour_on_device=colour_on_device)
     straight = tmp_path / "straight"
     train(TrainConfig(**settings, out=str(straight)))
     checkpoint = straight / f"{CHECKPOINT_PREFIX}000003"
@@ -116,6 +119,21 @@ def test_sample_stream_shards_epochs():
     assert shards[0].keys(3, 4) == epoch0[0][3:] + epoch1[:2]  # positions run on across epochs
     padded = [SampleStream(5, seed=0, rank=r, world_size=2).keys(0, 3) for r in range(2)]
     assert sorted({i for keys in padded for _, i in keys}) == list(range(5))  # one sample repeats
+
+
+def test_colour_on_device_defaults_off_on_cpu_and_moves_the_distortion_into_the_step(tmp_path):
+    """Loader batches are uint8 pixels and labels; with colour_on_device they also carry each
+    sample's photometric distortion, which the training step applies."""
+    for colour_on_device, items in ((None, 2), (True, 3)):
+        config = TrainConfig(**TINY, out=str(tmp_path / str(colour_on_device)), steps=1, colour_on_device=colour_on_device)
+        trainer = Trainer(config)
+        try:
+            assert trainer.config.colour_on_device == (colour_on_device is True)
+            batch = trainer.load_batch(trainer.micro_batch_keys(0)[0])
+            assert len(batch) == items and batch[0].dtype == torch.uint8 and batch[1].dtype == torch.uint8
+            assert torch.isfinite(trainer.forward_backward([batch])).all()
+        finally:
+            trainer.close()
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from segformer.data import IGNORE_INDEX, SyntheticShapes
 from segformer.transforms import (
     PAD_PIXEL, SHARE_GRID, Photometric, TrainTransform, distort, nearest_indices, normalize,
-    normalize_pixels, random_crop_box, rescaled_size, saturate_and_rotate_hue, source_window,
+    finish_batch, random_crop_box, rescaled_size, saturate_and_rotate_hue, source_window,
 )
 
 # ---- the oracle: the previous pipeline, in float on the whole image -----------------------------
@@ -160,7 +160,7 @@ def test_output_matches_the_float_pipeline(sample, fresh_seed):
     want_image, want_label = oracle(transform, picture, label, augmentation)
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.uint8 and label_t.dtype == torch.uint8
     assert torch.equal(label_t.long(), want_label)
-    image_t = normalize_pixels(pixels[None])[0]
+    image_t = finish_batch(pixels[None])[0]
     difference = ((image_t - want_image) * torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)).abs()  # 0..255 units
     # rounding to uint8 at the end: half a level
     assert difference.max() < 0.51, augmentation
@@ -224,7 +224,7 @@ def test_padding_is_ignore_index_and_normalises_to_zero():
     padding = torch.ones(64, 64, dtype=torch.bool)
     padding[:h, :w] = False
     assert padding.any()
-    assert normalize_pixels(pixels[None])[0][:, padding].abs().max() < 0.01
+    assert finish_batch(pixels[None])[0][:, padding].abs().max() < 0.01
     assert (label_t[:h, :w] != IGNORE_INDEX).float().mean() > 0.9
 
 
@@ -307,3 +307,49 @@ def test_saturation_and_hue_match_the_hsv_round_trip(saturation, hue, fresh_seed
     if saturation is None and hue is None:
         want = rgb
     assert torch.allclose(got, want, atol=1e-6)
+
+
+# ---- the photometric distortion on the training device --------------------------------------------
+
+
+@pytest.mark.parametrize("ratio_range", [(0.5, 2.0), (1.0, 1.0)], ids=["resized", "ratio-1"])
+def test_colour_on_the_device_matches_the_worker_path(ratio_range, fresh_seed):
+    """With colour_on_device the worker leaves the photometric distortion to finish_batch,
+    batched: the same draws give the same samples (labels and padding exactly; pixels up to
+    rounding, and, where the worker changed colours before upsampling, at colour edges), so
+    the batch statistics match the worker path's."""
+    on_worker = TrainTransform((64, 64), scale=(480, 120), ratio_range=ratio_range)
+    on_device = TrainTransform((64, 64), scale=(480, 120), ratio_range=ratio_range, colour_on_device=True)
+    worker, device, differences = [], [], []
+    for sample in range(8):
+        picture, label = smooth_scene(fresh_seed + sample)
+        rng = [fresh_seed, sample]
+        pixels, labels = on_worker(picture, label, np.random.default_rng(rng))
+        raw, device_labels, photometric = on_device(picture, label, np.random.default_rng(rng))
+        assert torch.equal(device_labels, labels) and photometric.shape == (7,)
+        want, got = finish_batch(pixels[None])[0], finish_batch(raw[None], photometric[None])[0]
+        worker.append(want)
+        device.append(got)
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[: int(photometric[5]), : int(photometric[6])] = True
+        assert (got[:, ~inside].abs() < 0.01).all()  # the padding
+        difference = ((got - want) * torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)).abs()[:, inside]
+        if ratio_range == (1.0, 1.0):
+            assert difference.max() < 0.51  # the worker's rounding to uint8
+        differences.append(difference.mean())
+    assert max(differences) < 1.5, differences
+    # one batch through finish_batch: per-sample parameters, and the statistics of the two paths
+    batch = torch.stack([on_device(*smooth_scene(fresh_seed + s), np.random.default_rng([fresh_seed, s]))[0]
+                         for s in range(8)])
+    parameters = torch.stack([on_device(*smooth_scene(fresh_seed + s), np.random.default_rng([fresh_seed, s]))[2]
+                              for s in range(8)])
+    assert torch.allclose(finish_batch(batch, parameters), torch.stack(device), atol=1e-5)
+    worker, device = torch.stack(worker), torch.stack(device)
+    assert torch.allclose(device.mean(dim=(0, 2, 3)), worker.mean(dim=(0, 2, 3)), atol=0.01)
+    assert torch.allclose(device.std(dim=(0, 2, 3)), worker.std(dim=(0, 2, 3)), rtol=0.01)
+
+
+def test_colour_on_the_device_with_every_distortion_off_is_the_identity():
+    pixels = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8)
+    identity = torch.stack([Photometric().as_tensor((16, 24)), Photometric().as_tensor((10, 7))])
+    assert torch.allclose(finish_batch(pixels, identity), finish_batch(pixels), atol=1e-4)
