@@ -16,12 +16,12 @@ one source pixel off the full resize's grid, and its first row and column may cl
 The photometric distortion is pointwise, so it runs on the smaller of the source window
 and the resized crop: brightness, contrast and the colour changes (HSV saturation and
 hue, elementwise over the channel planes) in float, only when drawn, rounded back to
-uint8 once. A sample leaves the worker as
-uint8 pixels (padded with the mean colour) and uint8 labels where the class ids fit;
-``finish_batch`` is the last step, on the training device, so a quarter of the bytes
-cross the worker queue and the host-to-device copy; with ``colour_on_device`` (the
-trainer's default on GPUs) the photometric distortion moves into it as well, batched. The crop search and the label crop
-read the label as uint8 when its values fit.
+uint8 once. A sample leaves the worker as uint8 pixels (padded with the mean colour) and
+uint8 labels where the class ids fit; ``finish_batch`` is the last step, on the training
+device, so a quarter of the bytes cross the worker queue and the host-to-device copy.
+With ``colour_on_device`` (the trainer's default on GPUs) the photometric distortion
+moves into that step as well, batched. The crop search and the label crop read the label
+as uint8 when its values fit.
 
 Evaluation: resize to the base scale times a ratio (aspect kept), normalise.
 
@@ -162,14 +162,17 @@ class Photometric:
         return cls(brightness, contrast, contrast_first, saturation if change_saturation else None,
                    hue if change_hue else None)
 
-    def as_tensor(self, crop_hw: tuple[int, int]) -> torch.Tensor:
-        """float32 [7]: brightness, first contrast, saturation, hue, last contrast (a distortion
-        that is off as its identity: 0, 1, 1, 0, 1), then the crop's height and width, which
-        ``distort_batch`` keeps the padding outside of."""
+    def steps(self) -> tuple:
+        """(brightness, first contrast, saturation, hue, last contrast), in the order they run;
+        None where off."""
         first, last = (self.contrast, None) if self.contrast_first else (None, self.contrast)
-        identity_or = lambda value, identity: identity if value is None else value  # noqa: E731
-        return torch.tensor([identity_or(self.brightness, 0.0), identity_or(first, 1.0), identity_or(self.saturation, 1.0),
-                             identity_or(self.hue, 0.0), identity_or(last, 1.0), *crop_hw], dtype=torch.float32)
+        return self.brightness, first, self.saturation, self.hue, last
+
+    def as_tensor(self, crop_hw: tuple[int, int]) -> torch.Tensor:
+        """float32 [7]: the ``steps`` (one that is off as its identity: 0, 1, 1, 0, 1), then the
+        crop's height and width, which ``distort_batch`` keeps the padding outside of."""
+        values = [identity if value is None else value for value, identity in zip(self.steps(), (0.0, 1.0, 1.0, 0.0, 1.0))]
+        return torch.tensor([*values, *crop_hw], dtype=torch.float32)
 
 
 # the hue (in sixths of the circle) at which each of R, G, B is the smallest channel; in HSV -> RGB
@@ -321,17 +324,10 @@ def distort(pixels: torch.Tensor, photometric: Photometric) -> torch.Tensor:
     """The photometric distortion of uint8 [3, h, w] pixels, uint8 out: in float over the
     channel planes in between (a few passes over float planes cost less than a uint8 lookup
     table, whose indices numpy widens to 64 bits), rounded back once."""
-    p = photometric
-    if p.brightness is None and p.contrast is None and p.saturation is None and p.hue is None:
+    steps = photometric.steps()
+    if all(step is None for step in steps):
         return pixels
-    rgb = pixels.contiguous().float()  # planes for the ops below (the uint8 transpose is the cheaper one)
-    if p.brightness is not None:
-        rgb.add_(p.brightness).clamp_(0.0, 255.0)
-    if p.contrast_first and p.contrast is not None:
-        rgb.mul_(p.contrast).clamp_(0.0, 255.0)
-    rgb = saturate_and_rotate_hue(rgb, p.saturation, p.hue)
-    if not p.contrast_first and p.contrast is not None:
-        rgb.mul_(p.contrast).clamp_(0.0, 255.0)
+    rgb = _distort_float(pixels.contiguous().float(), *steps)  # planes (the uint8 transpose is the cheaper one)
     # + 0.5: the conversion truncates; numpy's float -> uint8 conversion is vectorised, torch's is not
     return torch.from_numpy(rgb.add_(0.5).numpy().astype(np.uint8))
 
@@ -343,13 +339,24 @@ def distort_batch(pixels: torch.Tensor, photometric: torch.Tensor) -> torch.Tens
     steps as ``distort``, without its rounding to uint8."""
     per_sample = photometric.to(torch.float32).T[:, :, None, None]  # [7, B, 1, 1]: per plane
     brightness, first, saturation, hue, last, height, width = per_sample
-    rgb = pixels.float()
-    rgb = rgb.add_(brightness[:, None]).clamp_(0.0, 255.0).mul_(first[:, None]).clamp_(0.0, 255.0)
-    rgb = saturate_and_rotate_hue(rgb, saturation, hue).mul_(last[:, None]).clamp_(0.0, 255.0)
+    rgb = _distort_float(pixels.float(), brightness[:, None], first[:, None], saturation, hue, last[:, None])
     rows = torch.arange(pixels.shape[-2], device=pixels.device)[:, None]
     cols = torch.arange(pixels.shape[-1], device=pixels.device)
     inside = (rows < height) & (cols < width)  # [B, H, W]
     return torch.where(inside[:, None], rgb, pixels.float())
+
+
+def _distort_float(rgb: torch.Tensor, brightness, first, saturation, hue, last) -> torch.Tensor:
+    """``Photometric.steps`` on float RGB [..., 3, H, W] in 0..255, in place where it can be;
+    each a number, a per-sample tensor, or None (skipped)."""
+    if brightness is not None:
+        rgb.add_(brightness).clamp_(0.0, 255.0)
+    if first is not None:
+        rgb.mul_(first).clamp_(0.0, 255.0)
+    rgb = saturate_and_rotate_hue(rgb, saturation, hue)
+    if last is not None:
+        rgb.mul_(last).clamp_(0.0, 255.0)
+    return rgb
 
 
 def finish_batch(pixels: torch.Tensor, photometric: torch.Tensor | None = None) -> torch.Tensor:
